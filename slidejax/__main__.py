@@ -1,0 +1,5 @@
+import sys
+
+from slidejax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,33 @@
+"""Test configuration: several CPU devices, warnings as errors (pyproject).
+
+Strict dtype promotion is on for our own numerical code through the ``strict_promotion``
+fixture; it is not global because optax's Adam itself mixes Python floats with int32 counts.
+"""
+import os
+
+# Several CPU devices for the sharding tests; must be set before JAX initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "")
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 4)
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+  """Path of ../shared/data; skips the test when it is absent (a user's clone has none)."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip("../shared/data is not present")
+  return SHARED_DATA
+
+
+@pytest.fixture
+def strict_promotion():
+  """Runs the test under ``jax_numpy_dtype_promotion='strict'``."""
+  with jax.numpy_dtype_promotion("strict"):
+    yield
