@@ -1,0 +1,114 @@
+"""``slidejax train``: train a SLIDE (or dense) network on XC data or the synthetic default."""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+DEFAULT_PRESET = "default"
+
+
+def add_parser(subparsers) -> None:
+  p = subparsers.add_parser(
+      "train", help="train a SLIDE or dense network",
+      description="Train SparseInput -> hidden ReLU -> SLIDE output (or --dense: full softmax). "
+                  "With no --train, the embedded synthetic default is generated and used.")
+  p.add_argument("--train", help="training file (XC text format, or svmlight with --format)")
+  p.add_argument("--test", help="test file (same format); default: a held-out synthetic split")
+  p.add_argument("--format", choices=("xc", "svmlight"), default="xc")
+  p.add_argument("--preset", default=DEFAULT_PRESET,
+                 help="synthetic preset when no --train is given (default: %(default)s)")
+  p.add_argument("--strict", action="store_true", help="treat data warnings as errors")
+  p.add_argument("--hidden", type=int, default=128)
+  p.add_argument("--hash", choices=("simhash", "wta", "dwta", "minhash"), default="simhash")
+  p.add_argument("--k", type=int, default=None, help="hashes per table (default: by family)")
+  p.add_argument("--l", type=int, default=50, help="hash tables")
+  p.add_argument("--range-bits", type=int, default=None, help="bucket-id bits per table")
+  p.add_argument("--bucket-capacity", type=int, default=128)
+  p.add_argument("--num-active", type=int, default=2048)
+  p.add_argument("--policy", choices=("vanilla", "topk", "threshold"), default="vanilla")
+  p.add_argument("--mode", choices=("shared", "per_sample"), default="shared")
+  p.add_argument("--builder", choices=("host", "jax"), default=None,
+                 help="table builder/query backend (default: host on CPU, jax elsewhere)")
+  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--epochs", type=int, default=5)
+  p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
+  p.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
+                 help="evaluate P@k on --eval-points test rows every N steps (0: at the end)")
+  p.add_argument("--eval-points", type=int, default=2000)
+  p.add_argument("--rebuild-first", type=int, default=50)
+  p.add_argument("--rebuild-growth", type=float, default=1.25)
+  p.add_argument("--rebuild-max-interval", type=int, default=2000)
+  p.add_argument("--redraw-every", type=int, default=0, help="new hash functions every n-th rebuild")
+  p.add_argument("--max-features", type=int, default=None)
+  p.add_argument("--max-labels", type=int, default=None)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dense", action="store_true", help="the dense full-softmax baseline")
+  p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory")
+  p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
+  p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
+  p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+  p.add_argument("--no-progress", action="store_true")
+  p.set_defaults(func=run)
+
+
+def load_data(args):
+  """(train, test, description) from the arguments."""
+  from slidejax import data as xcdata
+  if args.train:
+    read = xcdata.read_xc if args.format == "xc" else xcdata.read_svmlight
+    train = read(args.train, strict=args.strict)
+    test = read(args.test, strict=args.strict) if args.test else None
+    return train, test, args.train
+  if args.test:
+    raise ValueError("--test needs --train")
+  preset = xcdata.SYNTH_PRESETS[args.preset]
+  train, test = xcdata.synthesize_split(**preset, seed=args.seed)
+  return train, test, f"synthetic preset {args.preset!r}"
+
+
+def config_from_args(args):
+  from slidejax.train import TrainConfig
+  return TrainConfig(
+      hidden=args.hidden, hash=args.hash, k=args.k, l=args.l, bucket_capacity=args.bucket_capacity,
+      range_bits=args.range_bits, num_active=args.num_active, policy=args.policy, mode=args.mode,
+      batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, time_budget=args.time_budget,
+      eval_every=args.eval_every, eval_points=args.eval_points, seed=args.seed,
+      max_features=args.max_features, max_labels=args.max_labels, dense=args.dense,
+      rebuild_first=args.rebuild_first, rebuild_growth=args.rebuild_growth,
+      rebuild_max_interval=args.rebuild_max_interval, redraw_every=args.redraw_every,
+      builder=args.builder, checkpoint_every=args.checkpoint_every)
+
+
+def run(args) -> int:
+  from slidejax import data as xcdata
+  from slidejax import train as training
+  try:
+    train, test, source = load_data(args)
+    config = config_from_args(args)
+    print(f"data: {source}: {train.num_points} train points, "
+          f"{0 if test is None else test.num_points} test, {train.num_features} features, "
+          f"{train.num_labels} labels", file=sys.stderr)
+    result = training.fit(config, train, test, checkpoint_dir=args.checkpoint,
+                          resume=args.resume, progress=not args.no_progress,
+                          log=lambda m: print(m, file=sys.stderr))
+  except (xcdata.XCFormatError, training.TrainingError, training.CheckpointError,
+          ValueError, OSError) as err:
+    print(f"slidejax train: error: {err}", file=sys.stderr)
+    return 2
+  except training.TrainingDiverged as err:
+    print(f"slidejax train: {err}", file=sys.stderr)
+    return 3
+  result.pop("model", None)
+  keys = [k for k in ("p@1", "p@3", "p@5", "ndcg@5", "psp@5") if k in result]
+  summary = "  ".join(f"{k}={result[k]:.4f}" for k in keys)
+  print(f"{summary}  steps={result['steps']}  train_seconds={result['train_seconds']:.1f}  "
+        f"samples/s={result['samples_per_second']:.0f}  rebuilds={result['rebuilds']} "
+        f"({result['rebuild_seconds']:.1f} s)")
+  if args.json:
+    path = pathlib.Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+  return 0

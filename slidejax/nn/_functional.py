@@ -1,0 +1,171 @@
+"""Pure-functional layer math over fixed-size active neuron sets.
+
+Conventions: ``B`` batch, ``F`` padded features per sample, ``H`` layer input width,
+``N`` neurons of the wide layer, ``M`` batch-shared active size, ``m`` per-sample active size.
+Active ids equal to ``N`` (out of range on purpose) are padding: gathers use ``mode='fill'``
+(zero rows) and the bias of such slots is folded to a large negative number, so no separate
+mask is applied to the logits (masking the ``[B, M]`` logits doubled the step in measurements).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Added to the logit of a padding slot; exp() of it is exactly 0 in float32.
+PAD_LOGIT = -1e9
+
+
+def gather_rows(weights: jax.Array, ids: jax.Array) -> jax.Array:
+  """Rows ``weights[ids]`` with out-of-range ids giving zero rows. ``[N, ...]``, ``[...]`` int."""
+  return jnp.take(weights, ids, axis=0, mode="fill", fill_value=0)
+
+
+def embedding_bag(rows: jax.Array, values: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+  """Weighted sum of feature rows per sample.
+
+  Args:
+    rows: float32 ``[B, F, H]``, the weight rows of each sample's (padded) feature ids.
+    values: float32 ``[B, F]``, feature values; padding has value 0.
+    bias: optional float32 ``[H]``.
+  Returns:
+    float32 ``[B, H]``.
+  """
+  out = jnp.einsum("bf,bfh->bh", values, rows)
+  return out if bias is None else out + bias
+
+
+def shared_logits(inputs: jax.Array, rows: jax.Array, bias_rows: jax.Array,
+                  valid: jax.Array | None = None) -> jax.Array:
+  """Logits of a batch-shared active set: one dense matrix product.
+
+  Args:
+    inputs: float32 ``[B, H]``.
+    rows: float32 ``[M, H]``, weight rows of the active neurons.
+    bias_rows: float32 ``[M]``.
+    valid: optional bool ``[M]``; invalid slots get ``PAD_LOGIT``.
+  Returns:
+    float32 ``[B, M]``.
+  """
+  if valid is not None:
+    bias_rows = jnp.where(valid, bias_rows, jnp.asarray(PAD_LOGIT, bias_rows.dtype))
+  return inputs @ rows.T + bias_rows
+
+
+def per_sample_logits(inputs: jax.Array, rows: jax.Array, bias_rows: jax.Array,
+                      valid: jax.Array | None = None) -> jax.Array:
+  """Logits of per-sample active sets.
+
+  Args:
+    inputs: float32 ``[B, H]``.
+    rows: float32 ``[B, m, H]``.
+    bias_rows: float32 ``[B, m]``.
+    valid: optional bool ``[B, m]``.
+  Returns:
+    float32 ``[B, m]``.
+  """
+  if valid is not None:
+    bias_rows = jnp.where(valid, bias_rows, jnp.asarray(PAD_LOGIT, bias_rows.dtype))
+  return jnp.einsum("bh,bmh->bm", inputs, rows) + bias_rows
+
+
+def target_distribution(label_slots: jax.Array, num_slots: int) -> jax.Array:
+  """Target mass spread evenly over each sample's labels present in the active set.
+
+  Args:
+    label_slots: int32 ``[B, f]``: position of each true label among the logits' columns,
+      -1 for padding (or a label that is not among them).
+    num_slots: the number of logit columns (``M``, ``m`` or ``N``).
+  Returns:
+    float32 ``[B, num_slots]``; rows with no label are all zero.
+  """
+  present = label_slots >= 0
+  count = jnp.sum(present, axis=1, keepdims=True).astype(jnp.float32)
+  mass = jnp.where(present, 1.0 / jnp.maximum(count, 1.0), 0.0).astype(jnp.float32)
+  batch = jnp.arange(label_slots.shape[0])[:, None]
+  slots = jnp.where(present, label_slots, num_slots)  # dropped by the scatter
+  return jnp.zeros((label_slots.shape[0], num_slots), jnp.float32).at[batch, slots].add(
+      mass, mode="drop")
+
+
+def softmax_cross_entropy(logits: jax.Array, label_slots: jax.Array,
+                          sample_weight: jax.Array | None = None) -> jax.Array:
+  """Mean multi-label softmax cross-entropy (targets spread evenly over the true labels).
+
+  Args:
+    logits: float32 ``[B, C]``.
+    label_slots: int32 ``[B, f]``, column of each true label, -1 padding.
+    sample_weight: optional float32 ``[B]`` (0 for padding rows).
+  Returns:
+    float32 scalar: the weighted mean over samples that have at least one label.
+  """
+  targets = target_distribution(label_slots, logits.shape[1])
+  log_norm = jax.nn.logsumexp(logits, axis=1)
+  per_sample = log_norm - jnp.sum(targets * logits, axis=1)
+  has_label = jnp.any(label_slots >= 0, axis=1).astype(jnp.float32)
+  weight = has_label if sample_weight is None else has_label * sample_weight
+  return jnp.sum(per_sample * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def dense_label_slots(label_ids: jax.Array) -> jax.Array:
+  """Label slots for full (all-neuron) logits: the label ids themselves, -1 kept."""
+  return label_ids
+
+
+def shared_label_slots(active_ids: jax.Array, label_ids: jax.Array) -> jax.Array:
+  """Position of each label in a batch-shared active set, -1 where absent.
+
+  Pure-JAX lookup by sorting ``active_ids`` (single int32 key) and ``searchsorted``;
+  the host selection kernels return these slots directly.
+
+  Args:
+    active_ids: int32 ``[M]`` unique ids (padding ``N`` allowed).
+    label_ids: int32 ``[B, f]``, -1 padding.
+  Returns:
+    int32 ``[B, f]``.
+  """
+  order = jnp.argsort(active_ids)
+  sorted_ids = active_ids[order]
+  pos = jnp.clip(jnp.searchsorted(sorted_ids, label_ids), 0, active_ids.shape[0] - 1)
+  found = (sorted_ids[pos] == label_ids) & (label_ids >= 0)
+  return jnp.where(found, order[pos], -1).astype(jnp.int32)
+
+
+def per_sample_label_slots(active_ids: jax.Array, label_ids: jax.Array) -> jax.Array:
+  """Position of each label in its own sample's active set, -1 where absent.
+
+  Args:
+    active_ids: int32 ``[B, m]``.
+    label_ids: int32 ``[B, f]``, -1 padding.
+  Returns:
+    int32 ``[B, f]``.
+  """
+  return jax.vmap(lambda a, y: shared_label_slots(a, y[None])[0])(active_ids, label_ids)
+
+
+def top_k_chunked(inputs: jax.Array, weights: jax.Array, bias: jax.Array, k: int,
+                  chunk_size: int = 65536) -> tuple[jax.Array, jax.Array]:
+  """Exact top-``k`` neurons over all ``N`` neurons with memory bounded by ``chunk_size``.
+
+  Args:
+    inputs: float32 ``[B, H]``.
+    weights: float32 ``[N, H]``.
+    bias: float32 ``[N]``.
+  Returns:
+    (scores float32 ``[B, k]``, ids int32 ``[B, k]``), best first.
+  """
+  num_neurons = weights.shape[0]
+  chunk_size = min(chunk_size, num_neurons)
+  k = min(k, num_neurons)
+  num_chunks = -(-num_neurons // chunk_size)
+  best_scores = jnp.full((inputs.shape[0], k), -jnp.inf, jnp.float32)
+  best_ids = jnp.zeros((inputs.shape[0], k), jnp.int32)
+  for c in range(num_chunks):  # static, few chunks; each compiles into one program
+    start = c * chunk_size
+    stop = min(start + chunk_size, num_neurons)
+    scores = inputs @ weights[start:stop].T + bias[start:stop]
+    top_scores, top_pos = jax.lax.top_k(scores, min(k, stop - start))
+    merged_scores = jnp.concatenate([best_scores, top_scores], axis=1)
+    merged_ids = jnp.concatenate([best_ids, (top_pos + start).astype(jnp.int32)], axis=1)
+    best_scores, pos = jax.lax.top_k(merged_scores, k)
+    best_ids = jnp.take_along_axis(merged_ids, pos, axis=1)
+  return best_scores, best_ids

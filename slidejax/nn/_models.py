@@ -1,0 +1,84 @@
+"""``SlideMLP``: SLIDE's network, sparse input -> hidden (ReLU) -> wide SLIDE output."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slidejax.nn._functional import softmax_cross_entropy
+from slidejax.nn._functional import top_k_chunked
+from slidejax.nn._slide_dense import SlideDense
+from slidejax.nn._slide_dense import SlideOutput
+from slidejax.nn._sparse_input import SparseInput
+
+
+class SlideMLP(nnx.Module):
+  """Bag of features -> ``hidden`` ReLU units -> ``num_labels`` outputs through LSH.
+
+  Every keyword accepted by :class:`SlideDense` (``hash``, ``k``, ``l``, ``num_active``,
+  ``mode``, ...) configures the output layer.
+  """
+
+  def __init__(self, num_features: int, num_labels: int, *, hidden: int = 128,
+               rngs: nnx.Rngs, **output_options):
+    self.num_features = num_features
+    self.num_labels = num_labels
+    self.embed = SparseInput(num_features, hidden, rngs=rngs)
+    self.output = SlideDense(hidden, num_labels, rngs=rngs, **output_options)
+
+  def hidden(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
+    """``[B, F]`` ids and values -> float32 ``[B, hidden]``."""
+    return jax.nn.relu(self.embed(feature_ids, feature_values))
+
+  def __call__(self, feature_ids: jax.Array, feature_values: jax.Array, *,
+               labels: jax.Array | None = None, key: jax.Array | None = None) -> SlideOutput:
+    return self.output(self.hidden(feature_ids, feature_values), labels=labels, key=key)
+
+  def top_k(self, feature_ids: jax.Array, feature_values: jax.Array, k: int, *,
+            exact: bool = True, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Top-``k`` labels: (scores ``[B, k]``, ids ``[B, k]``)."""
+    return self.output.top_k(self.hidden(feature_ids, feature_values), k, exact=exact, key=key)
+
+
+def sampled_softmax_loss(out: SlideOutput, sample_weight: jax.Array | None = None) -> jax.Array:
+  """Multi-label softmax cross-entropy over the active set (target mass spread evenly over
+  each sample's true labels; rows without labels and padding rows do not count)."""
+  return softmax_cross_entropy(out.logits, out.label_slots, sample_weight)
+
+
+def dense_softmax_loss(logits: jax.Array, label_ids: jax.Array,
+                       sample_weight: jax.Array | None = None) -> jax.Array:
+  """The dense reference: the same loss over all ``N`` logits ``[B, N]``."""
+  num_labels = logits.shape[1]
+  slots = jnp.where((label_ids >= 0) & (label_ids < num_labels), label_ids, -1)
+  return softmax_cross_entropy(logits, slots, sample_weight)
+
+
+class DenseMLP(nnx.Module):
+  """The dense baseline: the same network as :class:`SlideMLP` with a full softmax output.
+
+  The output kernel is stored ``[num_labels, hidden]`` (one row per label, like SlideDense),
+  so a trained dense model and a SLIDE model are interchangeable for inference.
+  """
+
+  def __init__(self, num_features: int, num_labels: int, *, hidden: int = 128,
+               rngs: nnx.Rngs):
+    self.num_features = num_features
+    self.num_labels = num_labels
+    self.embed = SparseInput(num_features, hidden, rngs=rngs)
+    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (num_labels, hidden)))
+    self.bias = nnx.Param(jnp.zeros((num_labels,), jnp.float32))
+
+  def hidden(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
+    return jax.nn.relu(self.embed(feature_ids, feature_values))
+
+  def __call__(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
+    """Full logits float32 ``[B, num_labels]``."""
+    h = self.hidden(feature_ids, feature_values)
+    return h @ self.kernel[...].T + self.bias[...]
+
+  def top_k(self, feature_ids: jax.Array, feature_values: jax.Array, k: int, *,
+            exact: bool = True, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    del exact, key  # always exact
+    return top_k_chunked(self.hidden(feature_ids, feature_values), self.kernel[...],
+                         self.bias[...], k)

@@ -1,0 +1,226 @@
+"""``SlideDense``: a wide layer that computes only the neurons its LSH tables select."""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slidejax import lsh
+from slidejax.nn import _functional as F
+from slidejax.nn._variables import ActiveIds
+from slidejax.nn._variables import HashParams
+from slidejax.nn._variables import HashTables
+from slidejax.nn._variables import RowDelta
+from slidejax.nn._variables import RowParam
+
+HASH_FAMILIES = ("simhash", "wta", "dwta", "minhash")
+POLICIES = ("vanilla", "topk", "threshold")
+MODES = ("shared", "per_sample", "dense")
+
+
+class SlideOutput(NamedTuple):
+  """What a :class:`SlideDense` forward pass computed.
+
+  Attributes:
+    logits: float32 ``[B, M]`` (shared), ``[B, m]`` (per-sample) or ``[B, N]`` (dense mode):
+      pre-activations of the active neurons, padding slots at a large negative value.
+    ids: int32 ``[M]``, ``[B, m]`` or ``[N]``: neuron id of each column (``N`` = padding).
+    valid: bool, same shape as ``ids``.
+    label_slots: int32 ``[B, f]``: column of each forced (true) label, -1 if none/padding.
+    forced_dropped: int32 scalar: labels that did not fit into the active set (shared mode).
+  """
+  logits: jax.Array
+  ids: jax.Array
+  valid: jax.Array
+  label_slots: jax.Array
+  forced_dropped: jax.Array
+
+
+def _make_family(name: str, dim: int, k: int, l: int, range_bits: int | None, bin_size: int):
+  if name == "simhash":
+    return lsh.simhash(dim, k=k, l=l, range_bits=range_bits)
+  if name == "wta":
+    return lsh.wta(dim, k=k, l=l, bin_size=bin_size, range_bits=range_bits)
+  if name == "dwta":
+    return lsh.dwta(dim, k=k, l=l, bin_size=bin_size, range_bits=range_bits)
+  if name == "minhash":
+    return lsh.minhash(dim, k=k, l=l, range_bits=range_bits)
+  raise ValueError(f"unknown hash family {name!r}; expected one of {HASH_FAMILIES}")
+
+
+@functools.lru_cache(maxsize=None)
+def _rebuild_program(family, bucket_capacity: int, insertion: str, backend: str | None):
+  """One jitted table build per static configuration: ``(hash_params, kernel, key) -> tables``."""
+
+  def rebuild(hash_params, kernel, key):
+    codes = lsh.neuron_codes(family, hash_params, kernel)
+    return lsh.build_tables(codes, range_bits=family.range_bits, bucket_capacity=bucket_capacity,
+                            insertion=insertion, key=key, backend=backend)
+
+  return jax.jit(rebuild)
+
+
+class SlideDense(nnx.Module):
+  """A wide dense layer whose forward pass computes only LSH-selected neurons.
+
+  Sizes positional, options keyword-only, ``rngs`` required (like ``nnx.Linear``)::
+
+    layer = SlideDense(128, 670_091, hash="dwta", k=6, l=50, num_active=2048, rngs=nnx.Rngs(0))
+    out = layer(h, labels=label_ids, key=key)        # SlideOutput, logits [B, 2048]
+
+  Attributes:
+    kernel: ``RowParam`` float32 ``[out_features, in_features]``: one contiguous row per neuron.
+    bias: ``RowParam`` float32 ``[out_features]``.
+    tables: ``HashTables`` holding the :class:`slidejax.lsh.LSHTables` of the kernel rows.
+    hash_params: ``HashParams``, the hash functions.
+
+  Options:
+    hash: ``simhash`` | ``wta`` | ``dwta`` | ``minhash``; ``k`` hashes per table, ``l`` tables.
+    range_bits: bits of a table's bucket id (``None``: sized so a bucket holds about
+      ``bucket_capacity`` neurons, see :func:`slidejax.lsh.default_range_bits`).
+    num_active: active neurons per sample (per-sample mode) or per batch (shared mode).
+    policy: ``vanilla`` | ``topk`` | ``threshold`` (found in at least ``threshold`` tables).
+    mode: ``shared`` (one active set per batch: a dense matrix product), ``per_sample`` or
+      ``dense`` (every neuron: the exact reference).
+    insertion: ``fifo`` | ``reservoir`` bucket insertion.
+    backend: where tables are built and queried: ``host`` (Numba through a host callback),
+      ``jax`` (pure JAX), ``None`` (host on CPU, jax on accelerators).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, hash: str = "simhash",
+               k: int | None = None, l: int = 50, bin_size: int = 8,
+               range_bits: int | None = None, bucket_capacity: int = 128,
+               num_active: int = 2048, policy: str = "vanilla", threshold: int = 2,
+               mode: str = "shared", insertion: str = "fifo", backend: str | None = None,
+               kernel_init: nnx.Initializer | None = None, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    if in_features <= 0 or out_features <= 0:
+      raise ValueError(f"SlideDense: sizes must be positive, got {in_features}, {out_features}")
+    if policy not in POLICIES:
+      raise ValueError(f"SlideDense: policy {policy!r} is not one of {POLICIES}")
+    if mode not in MODES:
+      raise ValueError(f"SlideDense: mode {mode!r} is not one of {MODES}")
+    if not 0 < num_active:
+      raise ValueError(f"SlideDense: num_active must be positive, got {num_active}")
+    if num_active > out_features:
+      raise ValueError(f"SlideDense: num_active={num_active} is larger than the layer "
+                       f"({out_features} neurons); use mode='dense' to compute every neuron")
+    if range_bits is None:
+      range_bits = lsh.default_range_bits(out_features, bucket_capacity)
+    if k is None:
+      k = {"simhash": range_bits, "wta": 6, "dwta": 6, "minhash": 4}.get(hash, 6)
+    self.in_features = in_features
+    self.out_features = out_features
+    self.num_active = num_active
+    self.policy = policy
+    self.threshold = threshold
+    self.mode = mode
+    self.bucket_capacity = bucket_capacity
+    self.insertion = insertion
+    self.backend = backend
+    self.family = _make_family(hash, in_features, k, l, range_bits, bin_size)
+    init = kernel_init or nnx.initializers.lecun_normal()
+    self.kernel = RowParam(init(rngs.params(), (out_features, in_features), dtype))
+    self.bias = RowParam(jnp.zeros((out_features,), dtype))
+    self.hash_params = HashParams(self.family.init(rngs.params()))
+    self.tables = HashTables(self._build(rngs.params()))
+    self.row_delta = None
+    self.active_ids = None
+
+  # -- tables -------------------------------------------------------------------------------
+  def _build(self, key: jax.Array) -> lsh.LSHTables:
+    program = _rebuild_program(self.family, self.bucket_capacity, self.insertion, self.backend)
+    return program(self.hash_params.get_value(), self.kernel[...], key)
+
+  def rebuild(self, key: jax.Array, *, redraw: bool = False) -> None:
+    """Rebuilds the tables from the current weights; ``redraw`` draws new hash functions."""
+    build_key, draw_key = jax.random.split(key)
+    if redraw:
+      self.hash_params.set_value(self.family.init(draw_key))
+    self.tables.set_value(self._build(build_key))
+
+  # -- forward ------------------------------------------------------------------------------
+  def select(self, inputs: jax.Array, *, labels: jax.Array | None, key: jax.Array):
+    """The active set for ``inputs`` ``[B, in]`` (labels ``[B, f]`` forced in, -1 padding)."""
+    codes = self.family.codes(self.hash_params.get_value(), inputs)
+    options = dict(num_active=self.num_active, num_neurons=self.out_features, key=key,
+                   policy=self.policy, forced_ids=labels, backend=self.backend)
+    if self.policy == "threshold":
+      options["threshold"] = self.threshold
+    if self.mode == "shared":
+      return lsh.query_shared(self.tables.get_value(), codes, **options)
+    return lsh.query(self.tables.get_value(), codes, **options)
+
+  def __call__(self, inputs: jax.Array, *, labels: jax.Array | None = None,
+               key: jax.Array | None = None) -> SlideOutput:
+    """Computes the active neurons of ``inputs`` float32 ``[B, in_features]``.
+
+    ``labels`` int32 ``[B, f]`` (-1 padding) are always active (training); ``key`` drives the
+    random parts of the selection (defaults to a fixed key, for deterministic inference).
+    """
+    if key is None:
+      key = jax.random.key(0)
+    batch = inputs.shape[0]
+    if labels is None:
+      labels_or_none = None
+      labels = jnp.full((batch, 1), -1, jnp.int32)
+    else:
+      labels_or_none = labels.astype(jnp.int32)
+      labels = labels_or_none
+    if self.mode == "dense":
+      ids = jnp.arange(self.out_features, dtype=jnp.int32)
+      valid = jnp.ones((self.out_features,), bool)
+      slots = jnp.where((labels >= 0) & (labels < self.out_features), labels, -1)
+      dropped = jnp.zeros((), jnp.int32)
+    else:
+      active = self.select(inputs, labels=labels_or_none, key=key)
+      ids, valid = active.ids, active.valid
+      slots = active.forced_slots if labels_or_none is not None else labels
+      dropped = getattr(active, "forced_dropped", jnp.zeros((), jnp.int32))
+    rows = F.gather_rows(self.kernel[...], ids)
+    bias_rows = F.gather_rows(self.bias[...], ids)
+    if self.row_delta is not None:
+      delta = self.row_delta.get_value()
+      rows = rows + delta["kernel"]
+      bias_rows = bias_rows + delta["bias"]
+      self.active_ids.set_value(jnp.where(valid, ids, self.out_features).astype(jnp.int32))
+    if ids.ndim == 1:
+      logits = F.shared_logits(inputs, rows, bias_rows, valid)
+    else:
+      logits = F.per_sample_logits(inputs, rows, bias_rows, valid)
+    return SlideOutput(logits, ids, valid, slots.astype(jnp.int32), dropped)
+
+  def attach_row_delta(self, batch_size: int) -> None:
+    """Prepares row-gradient capture (see :func:`slidejax.train.attach_row_deltas`)."""
+    if self.mode == "shared":
+      shape = (self.num_active,)
+    elif self.mode == "per_sample":
+      shape = (batch_size, self.num_active)
+    else:
+      shape = (self.out_features,)
+    dtype = self.kernel.dtype
+    self.row_delta = RowDelta({"kernel": jnp.zeros(shape + (self.in_features,), dtype),
+                               "bias": jnp.zeros(shape, dtype)})
+    self.active_ids = ActiveIds(jnp.zeros(shape, jnp.int32))
+
+  def detach_row_delta(self) -> None:
+    self.row_delta = None
+    self.active_ids = None
+
+  # -- inference ----------------------------------------------------------------------------
+  def top_k(self, inputs: jax.Array, k: int, *, exact: bool = True, chunk_size: int = 65536,
+            key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Top-``k`` neurons per sample: (scores ``[B, k]``, ids ``[B, k]``), best first.
+
+    ``exact``: all neurons, chunked to bound memory; otherwise only the LSH-selected ones
+    (fast, approximate; in shared mode the batch's union).
+    """
+    if exact or self.mode == "dense":
+      return F.top_k_chunked(inputs, self.kernel[...], self.bias[...], k, chunk_size)
+    out = self(inputs, key=key)
+    scores, pos = jax.lax.top_k(out.logits, k)
+    ids = out.ids[pos] if out.ids.ndim == 1 else jnp.take_along_axis(out.ids, pos, axis=1)
+    return scores, ids

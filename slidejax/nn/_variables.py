@@ -1,0 +1,31 @@
+"""NNX Variable types of slidejax layers."""
+from __future__ import annotations
+
+from flax import nnx
+
+
+class RowParam(nnx.Param):
+  """A trainable parameter whose rows are updated sparsely (one row per neuron or feature).
+
+  A subclass of ``nnx.Param``: ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains it densely,
+  while :mod:`slidejax.train` gives it row-sparse updates.
+  """
+
+
+class HashTables(nnx.Variable):
+  """LSH tables of a layer (an :class:`slidejax.lsh.LSHTables`); not trainable."""
+
+
+class HashParams(nnx.Variable):
+  """Hash-function parameters (projections, permutations); not trainable."""
+
+
+class RowDelta(nnx.Variable):
+  """Zero perturbation added to the gathered rows, so a gradient w.r.t. it is the row gradient.
+
+  Attached by :func:`slidejax.train.attach_row_deltas`; absent in plain use.
+  """
+
+
+class ActiveIds(nnx.Variable):
+  """Row ids a layer gathered in its last forward pass (padding = number of rows)."""

@@ -1,0 +1,316 @@
+"""The training loop behind ``slidejax train``: batches, steps, rebuilds, evaluation,
+checkpoints, progress, and a result dictionary (also written as JSON)."""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import math
+import pathlib
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from slidejax import data as xcdata
+from slidejax import metrics
+from slidejax.nn import DenseMLP
+from slidejax.nn import SlideMLP
+from slidejax.train import _checkpoint as ckpt
+from slidejax.train._schedule import RehashSchedule
+from slidejax.train._step import make_dense_trainer
+from slidejax.train._step import make_predictor
+from slidejax.train._step import make_sparse_trainer
+
+
+class TrainingError(ValueError):
+  """Bad training input or configuration, raised before any training time is spent."""
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Configuration of a training run (the ``slidejax train`` flags)."""
+  hidden: int = 128
+  hash: str = "simhash"
+  k: int | None = None
+  l: int = 50
+  bucket_capacity: int = 128
+  range_bits: int | None = None
+  num_active: int = 2048
+  policy: str = "vanilla"
+  threshold: int = 2
+  mode: str = "shared"
+  batch_size: int = 128
+  lr: float = 1e-3
+  epochs: int = 5
+  time_budget: float | None = None
+  eval_every: int = 0
+  eval_points: int = 2000
+  seed: int = 0
+  max_features: int | None = None
+  max_labels: int | None = None
+  dense: bool = False
+  rebuild_first: int = 50
+  rebuild_growth: float = 1.25
+  rebuild_max_interval: int = 2000
+  redraw_every: int = 0
+  builder: str | None = None
+  checkpoint_every: int = 0
+
+  # Fields that shape the model and its state: a checkpoint must agree on all of them.
+  STATE_FIELDS = ("hidden", "hash", "k", "l", "bucket_capacity", "range_bits", "num_active",
+                  "policy", "mode", "batch_size", "max_features", "max_labels", "dense",
+                  "seed", "lr")
+
+  def schedule(self) -> RehashSchedule:
+    return RehashSchedule(first=self.rebuild_first, growth=self.rebuild_growth,
+                          max_interval=self.rebuild_max_interval,
+                          redraw_every=self.redraw_every)
+
+
+class TrainBatch(NamedTuple):
+  feature_ids: np.ndarray     # int32 [B, F]
+  feature_values: np.ndarray  # float32 [B, F]
+  label_ids: np.ndarray       # int32 [B, f]
+  rows: np.ndarray            # int32 [B], -1 = padding row
+
+
+def _as_train_batch(batch) -> TrainBatch:
+  return TrainBatch(np.asarray(batch.feature_ids, np.int32),
+                    np.asarray(batch.feature_values, np.float32),
+                    np.asarray(batch.label_ids, np.int32),
+                    np.asarray(batch.rows).astype(np.int32))
+
+
+def validate(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None) -> None:
+  """Every input check that must fail before training starts."""
+  if train.num_points == 0:
+    raise TrainingError("the training set is empty (0 points)")
+  if len(train.label_ids) == 0:
+    raise TrainingError("the training set has no labels at all")
+  for name, part in (("train", train), ("test", test)):
+    if part is None:
+      continue
+    if len(part.label_ids) and int(part.label_ids.max()) >= train.num_labels:
+      raise TrainingError(f"{name} set: label id {int(part.label_ids.max())} is out of range "
+                          f"for {train.num_labels} labels")
+    if len(part.feature_ids) and int(part.feature_ids.max()) >= train.num_features:
+      raise TrainingError(f"{name} set: feature id {int(part.feature_ids.max())} is out of "
+                          f"range for {train.num_features} features")
+  if test is not None:
+    if test.num_features != train.num_features:
+      raise TrainingError(f"test set has {test.num_features} features, the training set (and "
+                          f"model) {train.num_features}")
+    if test.num_labels != train.num_labels:
+      raise TrainingError(f"test set has {test.num_labels} labels, the training set (and model) "
+                          f"{train.num_labels}")
+  if not config.dense and config.num_active > train.num_labels:
+    raise TrainingError(f"num_active={config.num_active} is larger than the output layer "
+                        f"({train.num_labels} labels); lower --num-active or use --dense")
+  if config.batch_size <= 0 or config.epochs <= 0:
+    raise TrainingError("batch size and epochs must be positive")
+
+
+def build_model(config: TrainConfig, num_features: int, num_labels: int) -> nnx.Module:
+  rngs = nnx.Rngs(config.seed)
+  if config.dense:
+    return DenseMLP(num_features, num_labels, hidden=config.hidden, rngs=rngs)
+  return SlideMLP(num_features, num_labels, hidden=config.hidden, hash=config.hash, k=config.k,
+                  l=config.l, bucket_capacity=config.bucket_capacity,
+                  range_bits=config.range_bits, num_active=config.num_active,
+                  policy=config.policy, threshold=config.threshold, mode=config.mode,
+                  backend=config.builder, rngs=rngs)
+
+
+def evaluate_model(predict, state, data: xcdata.XCData, *, batch_size: int, max_features: int,
+                   points: int | None = None, k: int = 5) -> dict:
+  """P@k, nDCG@k, PSP@k of the model in ``state`` on (the first ``points`` rows of) ``data``."""
+  rows = np.arange(data.num_points if points is None else min(points, data.num_points))
+  top = np.zeros((len(rows), k), np.int64)
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    padded = np.concatenate([chunk, np.full(batch_size - len(chunk), -1, chunk.dtype)])
+    batch = xcdata.pad_rows(data, padded, max_features=max_features, max_labels=1)
+    ids = predict(state, np.asarray(batch.feature_ids, np.int32),
+                  np.asarray(batch.feature_values, np.float32))
+    top[start:start + len(chunk)] = np.asarray(ids)[:len(chunk)]
+  sub = xcdata.subset(data, rows)
+  return metrics.evaluate(top, (sub.label_indptr, sub.label_ids), ks=(1, 3, 5))
+
+
+def _config_for_checkpoint(config: TrainConfig) -> dict:
+  return {name: getattr(config, name) for name in TrainConfig.STATE_FIELDS}
+
+
+def _check_checkpoint_config(path: pathlib.Path, meta: dict, config: TrainConfig) -> None:
+  saved = meta.get("config", {})
+  mine = _config_for_checkpoint(config)
+  differ = [f"{name}: checkpoint {saved.get(name)!r}, now {mine[name]!r}"
+            for name in mine if saved.get(name) != mine[name]]
+  if differ:
+    raise ckpt.CheckpointError(f"{path}: written with another configuration ("
+                               + "; ".join(differ) + ")")
+
+
+def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = None, *,
+        checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True,
+        log=print) -> dict:
+  """Trains a SLIDE (or, with ``config.dense``, a dense) network and returns its results.
+
+  Returns a dictionary with ``p@1``, ``p@3``, ``p@5``, ``ndcg@5`` (and more metrics),
+  ``train_seconds``, ``samples_per_second``, ``steps``, ``rebuilds``, ``rebuild_seconds``,
+  ``history`` (``{seconds, step, p@1}`` per evaluation), ``config`` and ``truncation``.
+  Raises TrainingError (bad input), CheckpointError, TrainingDiverged (NaN/inf loss).
+  """
+  validate(config, train, test)
+  widths = xcdata.suggest_widths(train)
+  max_features = config.max_features or int(widths[0])
+  max_labels = config.max_labels or int(widths[1])
+  if not config.dense and config.mode == "per_sample" and max_labels > config.num_active:
+    raise TrainingError(f"max_labels={max_labels} exceeds num_active={config.num_active}")
+  config = dataclasses.replace(config, max_features=max_features, max_labels=max_labels)
+  model = build_model(config, train.num_features, train.num_labels)
+  if config.dense:
+    trainer = make_dense_trainer(model, optax.adam(config.lr))
+  else:
+    trainer = make_sparse_trainer(model, optax.adam(config.lr), optax.adam(config.lr),
+                                  batch_size=config.batch_size, max_features=max_features)
+  predict = make_predictor(trainer, model, 5)
+  state = trainer.init()
+  position = {"step": 0, "epoch": 0, "batch_index": 0, "train_seconds": 0.0, "rebuilds": 0,
+              "rebuild_seconds": 0.0, "history": []}
+  last_checkpoint = None
+  if resume:
+    if not checkpoint_dir:
+      raise TrainingError("--resume needs --checkpoint DIR")
+    path = ckpt.latest_checkpoint(checkpoint_dir)
+    if path is None:
+      raise ckpt.CheckpointError(f"{checkpoint_dir}: no complete checkpoint to resume from")
+    _check_checkpoint_config(path, ckpt.read_meta(path), config)
+    state, meta = ckpt.load_checkpoint(path, state)
+    position.update(meta["position"])
+    last_checkpoint = path
+    log(f"resumed from {path} at step {position['step']}")
+
+  def save(reason: str):
+    nonlocal last_checkpoint
+    if checkpoint_dir:
+      meta = {"step": position["step"], "position": position, "reason": reason,
+              "config": _config_for_checkpoint(config)}
+      last_checkpoint = ckpt.save_checkpoint(checkpoint_dir, state, meta)
+
+  schedule = config.schedule()
+  steps_per_epoch = math.ceil(train.num_points / config.batch_size)
+  total_steps = steps_per_epoch * config.epochs
+  base_key = jax.random.key(config.seed)
+  rebuild_key = jax.random.fold_in(base_key, 0x5EED)
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total_steps, initial=position["step"], unit="step", dynamic_ncols=True,
+               desc="dense" if config.dense else f"slide[{config.mode}]")
+  last_p1 = float("nan")
+  truncation = None
+  stop = False
+  interrupted = []
+
+  def on_sigint(signum, frame):
+    if interrupted:  # a second Ctrl-C: stop at once
+      raise KeyboardInterrupt
+    interrupted.append(signum)
+
+  previous_handler = None
+  try:
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+  except ValueError:  # not the main thread: Ctrl-C handling stays as it is
+    pass
+  try:
+    for epoch in range(position["epoch"], config.epochs):
+      stream = xcdata.iterate_batches(train, config.batch_size, max_features=max_features,
+                                      max_labels=max_labels, seed=config.seed, epoch=epoch)
+      for batch_index, raw in enumerate(stream):
+        if batch_index < position["batch_index"]:
+          continue
+        batch = _as_train_batch(raw)
+        step = position["step"]
+        t0 = time.perf_counter()
+        state, out = trainer.step(state, batch, jax.random.fold_in(base_key, step))
+        loss = float(out.loss)  # waits for the step
+        if not math.isfinite(loss):
+          where = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint else ""
+          raise TrainingDiverged(f"step {step + 1}: the loss is {loss} (NaN/inf): diverged; "
+                                 f"lower --lr{where}")
+        position["step"] = step + 1
+        position["batch_index"] = batch_index + 1
+        rebuild, redraw = (False, False) if config.dense else schedule.is_rebuild_step(step + 1)
+        if rebuild:
+          r0 = time.perf_counter()
+          state = trainer.rebuild(state, jax.random.fold_in(rebuild_key, step), redraw)
+          jax.block_until_ready(state.other)
+          position["rebuilds"] += 1
+          position["rebuild_seconds"] += time.perf_counter() - r0
+        position["train_seconds"] += time.perf_counter() - t0
+        if config.eval_every and position["step"] % config.eval_every == 0 and test is not None:
+          result = evaluate_model(predict, state, test, batch_size=config.batch_size,
+                                  max_features=max_features, points=config.eval_points)
+          last_p1 = result["p@1"]
+          position["history"].append({"seconds": round(position["train_seconds"], 3),
+                                      "step": position["step"], "p@1": last_p1})
+        if config.checkpoint_every and position["step"] % config.checkpoint_every == 0:
+          save("interval")
+        if bar is not None:
+          bar.update(1)
+          sps = position["step"] * config.batch_size / max(position["train_seconds"], 1e-9)
+          bar.set_postfix(loss=f"{loss:.3f}", p1=f"{last_p1:.3f}", sps=f"{sps:.0f}",
+                          refresh=False)
+        if config.time_budget and position["train_seconds"] >= config.time_budget:
+          stop = True
+          break
+        if interrupted:
+          raise KeyboardInterrupt
+      truncation = getattr(stream, "report", truncation)
+      if stop:
+        break
+      position["epoch"] = epoch + 1
+      position["batch_index"] = 0
+  except KeyboardInterrupt:
+    save("interrupted")
+    if bar is not None:
+      bar.close()
+    if last_checkpoint:
+      log(f"interrupted: checkpoint saved to {last_checkpoint}")
+    raise
+  finally:
+    if previous_handler is not None:
+      signal.signal(signal.SIGINT, previous_handler)
+    if bar is not None:
+      bar.close()
+  save("end")
+  result: dict[str, Any] = {}
+  if test is not None:
+    result.update(evaluate_model(predict, state, test, batch_size=config.batch_size,
+                                 max_features=max_features))
+    if not position["history"] or position["history"][-1]["step"] != position["step"]:
+      position["history"].append({"seconds": round(position["train_seconds"], 3),
+                                  "step": position["step"], "p@1": result["p@1"]})
+  trainer.write_back(state)
+  result.update(
+      train_seconds=position["train_seconds"],
+      samples_per_second=position["step"] * config.batch_size / max(position["train_seconds"],
+                                                                     1e-9),
+      steps=position["step"], rebuilds=position["rebuilds"],
+      rebuild_seconds=position["rebuild_seconds"], history=position["history"],
+      config=dataclasses.asdict(config),
+      truncation=None if truncation is None else dict(truncation._asdict()
+                                                      if hasattr(truncation, "_asdict")
+                                                      else vars(truncation)),
+      checkpoint=str(last_checkpoint) if last_checkpoint else None)
+  result["model"] = model
+  return result
