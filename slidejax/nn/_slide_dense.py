@@ -127,8 +127,9 @@ class SlideDense(nnx.Module):
     self.bias = RowParam(jnp.zeros((out_features,), dtype))
     self.hash_params = HashParams(self.family.init(rngs.params()))
     self.tables = HashTables(self._build(rngs.params()))
-    self.row_delta = None
-    self.active_ids = None
+    self.kernel_delta = nnx.data(None)
+    self.bias_delta = nnx.data(None)
+    self.active_ids = nnx.data(None)
 
   # -- tables -------------------------------------------------------------------------------
   def _build(self, key: jax.Array) -> lsh.LSHTables:
@@ -182,10 +183,9 @@ class SlideDense(nnx.Module):
       dropped = getattr(active, "forced_dropped", jnp.zeros((), jnp.int32))
     rows = F.gather_rows(self.kernel[...], ids)
     bias_rows = F.gather_rows(self.bias[...], ids)
-    if self.row_delta is not None:
-      delta = self.row_delta.get_value()
-      rows = rows + delta["kernel"]
-      bias_rows = bias_rows + delta["bias"]
+    if self.kernel_delta is not None:
+      rows = rows + self.kernel_delta[...]
+      bias_rows = bias_rows + self.bias_delta[...]
       self.active_ids.set_value(jnp.where(valid, ids, self.out_features).astype(jnp.int32))
     if ids.ndim == 1:
       logits = F.shared_logits(inputs, rows, bias_rows, valid)
@@ -202,13 +202,14 @@ class SlideDense(nnx.Module):
     else:
       shape = (self.out_features,)
     dtype = self.kernel.dtype
-    self.row_delta = RowDelta({"kernel": jnp.zeros(shape + (self.in_features,), dtype),
-                               "bias": jnp.zeros(shape, dtype)})
+    self.kernel_delta = RowDelta(jnp.zeros(shape + (self.in_features,), dtype))
+    self.bias_delta = RowDelta(jnp.zeros(shape, dtype))
     self.active_ids = ActiveIds(jnp.zeros(shape, jnp.int32))
 
   def detach_row_delta(self) -> None:
-    self.row_delta = None
-    self.active_ids = None
+    self.kernel_delta = nnx.data(None)
+    self.bias_delta = nnx.data(None)
+    self.active_ids = nnx.data(None)
 
   # -- inference ----------------------------------------------------------------------------
   def top_k(self, inputs: jax.Array, k: int, *, exact: bool = True, chunk_size: int = 65536,

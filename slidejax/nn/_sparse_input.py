@@ -30,8 +30,8 @@ class SparseInput(nnx.Module):
     init = kernel_init or nnx.initializers.normal(stddev=1.0 / (features_out ** 0.5) * 0.1)
     self.kernel = RowParam(init(rngs.params(), (num_features, features_out), dtype))
     self.bias = nnx.Param(jnp.zeros((features_out,), dtype))
-    self.row_delta = None
-    self.active_ids = None
+    self.kernel_delta = nnx.data(None)
+    self.active_ids = nnx.data(None)
 
   def __call__(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
     """``feature_ids`` int32 ``[B, F]``, ``feature_values`` float32 ``[B, F]`` -> ``[B, out]``.
@@ -39,18 +39,18 @@ class SparseInput(nnx.Module):
     Padding entries have value 0; ids out of range read zero rows.
     """
     rows = F.gather_rows(self.kernel[...], feature_ids)
-    if self.row_delta is not None:
-      rows = rows + self.row_delta.get_value()["kernel"]
+    if self.kernel_delta is not None:
+      rows = rows + self.kernel_delta[...]
       used = jnp.where(feature_values != 0, feature_ids, self.num_features)
       self.active_ids.set_value(used.reshape(-1).astype(jnp.int32))
     return F.embedding_bag(rows, feature_values, self.bias[...])
 
   def attach_row_delta(self, batch_size: int, width: int) -> None:
     """Prepares row-gradient capture for batches of ``[batch_size, width]`` features."""
-    self.row_delta = RowDelta(
-        {"kernel": jnp.zeros((batch_size, width, self.features_out), self.kernel.dtype)})
+    self.kernel_delta = RowDelta(
+        jnp.zeros((batch_size, width, self.features_out), self.kernel.dtype))
     self.active_ids = ActiveIds(jnp.zeros((batch_size * width,), jnp.int32))
 
   def detach_row_delta(self) -> None:
-    self.row_delta = None
-    self.active_ids = None
+    self.kernel_delta = nnx.data(None)
+    self.active_ids = nnx.data(None)

@@ -23,6 +23,8 @@ class HashParams(nnx.Variable):
 class RowDelta(nnx.Variable):
   """Zero perturbation added to the gathered rows, so a gradient w.r.t. it is the row gradient.
 
+  A layer with RowParam ``kernel`` has its perturbation in ``kernel_delta`` (likewise bias).
+
   Attached by :func:`slidejax.train.attach_row_deltas`; absent in plain use.
   """
 

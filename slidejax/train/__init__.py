@@ -4,6 +4,7 @@ from slidejax.train._checkpoint import CheckpointError
 from slidejax.train._checkpoint import latest_checkpoint
 from slidejax.train._checkpoint import load_checkpoint
 from slidejax.train._checkpoint import save_checkpoint
+from slidejax.train._loop import TrainBatch
 from slidejax.train._loop import TrainConfig
 from slidejax.train._loop import TrainingDiverged
 from slidejax.train._loop import TrainingError

@@ -130,8 +130,9 @@ def build_model(config: TrainConfig, num_features: int, num_labels: int) -> nnx.
 
 
 def evaluate_model(predict, state, data: xcdata.XCData, *, batch_size: int, max_features: int,
-                   points: int | None = None, k: int = 5) -> dict:
-  """P@k, nDCG@k, PSP@k of the model in ``state`` on (the first ``points`` rows of) ``data``."""
+                   points: int | None = None, k: int = 5, propensities=None) -> dict:
+  """P@k, nDCG@k (and PSP@k given label ``propensities``) of the model in ``state`` on (the
+  first ``points`` rows of) ``data``; ``predict`` comes from :func:`make_predictor`."""
   rows = np.arange(data.num_points if points is None else min(points, data.num_points))
   top = np.zeros((len(rows), k), np.int64)
   for start in range(0, len(rows), batch_size):
@@ -142,7 +143,8 @@ def evaluate_model(predict, state, data: xcdata.XCData, *, batch_size: int, max_
                   np.asarray(batch.feature_values, np.float32))
     top[start:start + len(chunk)] = np.asarray(ids)[:len(chunk)]
   sub = xcdata.subset(data, rows)
-  return metrics.evaluate(top, (sub.label_indptr, sub.label_ids), ks=(1, 3, 5))
+  return metrics.evaluate(top, (sub.label_indptr, sub.label_ids), ks=(1, 3, 5),
+                          propensities=propensities)
 
 
 def _config_for_checkpoint(config: TrainConfig) -> dict:
@@ -295,8 +297,9 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
   save("end")
   result: dict[str, Any] = {}
   if test is not None:
+    props = metrics.propensities(xcdata.label_counts(train), train.num_points)
     result.update(evaluate_model(predict, state, test, batch_size=config.batch_size,
-                                 max_features=max_features))
+                                 max_features=max_features, propensities=props))
     if not position["history"] or position["history"][-1]["step"] != position["step"]:
       position["history"].append({"seconds": round(position["train_seconds"], 3),
                                   "step": position["step"], "p@1": result["p@1"]})

@@ -44,7 +44,7 @@ class StepMetrics(NamedTuple):
 
 def sparse_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
   """(path, layer) for every SparseInput / SlideDense inside ``model``."""
-  return [(path, mod) for path, mod in model.iter_modules()
+  return [(path, mod) for path, mod in nnx.iter_modules(model)
           if isinstance(mod, (SparseInput, SlideDense))]
 
 
@@ -120,8 +120,8 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
   deltas_abstract = _abstract(deltas0)
   group_names = {}
   for path, layer in layers:
-    group_names[path] = tuple(nnx.to_pure_dict(_abstract(nnx.state(layer, RowDelta)))
-                              ["row_delta"].keys())
+    group_names[path] = tuple(name for name, value in vars(layer).items()
+                              if isinstance(value, RowParam))
   tx_rows = optim.row_sparse(row_tx)
   unique_rows = {path: isinstance(layer, SlideDense) and layer.mode in ("shared", "dense")
                  for path, layer in layers}
@@ -140,8 +140,9 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
     weight = (batch.rows >= 0).astype(jnp.float32)
 
     def loss_fn(dense_pure, deltas_pure):
+      other = jax.tree.map(lambda x: x, state.other)  # fresh Variables in this trace
       m = nnx.merge(graphdef, rows_state, _to_state(dense_abstract, dense_pure),
-                    _to_state(deltas_abstract, deltas_pure), state.other)
+                    _to_state(deltas_abstract, deltas_pure), other)
       out = m(batch.feature_ids, batch.feature_values, labels=batch.label_ids, key=key)
       loss = sampled_softmax_loss(out, weight)
       *_, new_other = nnx.split(m, RowParam, nnx.Param, RowDelta, ...)
@@ -162,7 +163,7 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
       ids = _get(other_pure, path)["active_ids"].reshape(-1)
       params = _row_group(row_params, path, names)
       grads = {n: g.reshape((ids.shape[0],) + params[n].shape[1:])
-               for n, g in _get(delta_grads, path)["row_delta"].items()}
+               for n, g in ((n, _get(delta_grads, path)[f"{n}_delta"]) for n in names)}
       updates, uids, row_opt_state[name] = tx_rows.update(
           grads, row_opt_state[name], params, row_ids=ids, assume_unique=unique_rows[path])
       new_group = optim.apply_row_updates(params, uids, updates)

@@ -1,0 +1,243 @@
+"""Training engine: NNX modules, sparse steps against dense references, loop, checkpoints."""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from slidejax import data as xcdata
+from slidejax import nn
+from slidejax import train
+from slidejax.cli import main as cli_main
+
+
+def _tiny_data(seed=0, points=600, features=300, labels=120):
+  return xcdata.synthesize_split(num_points=points, num_features=features, num_labels=labels,
+                                 avg_nnz=12, avg_labels=2, seed=seed)
+
+
+def _batch(data, rows, max_features=16, max_labels=4):
+  b = xcdata.pad_rows(data, np.asarray(rows), max_features=max_features, max_labels=max_labels)
+  return train.TrainBatch(np.asarray(b.feature_ids, np.int32),
+                          np.asarray(b.feature_values, np.float32),
+                          np.asarray(b.label_ids, np.int32), np.asarray(rows, np.int32))
+
+
+def test_slide_dense_with_every_neuron_active_equals_dense():
+  layer = nn.SlideDense(8, 40, l=4, num_active=40, mode="shared", rngs=nnx.Rngs(0))
+  h = jax.random.normal(jax.random.key(1), (5, 8))
+  labels = jnp.array([[1, 2], [39, -1], [0, 5], [-1, -1], [7, 7]], jnp.int32)
+  out = layer(h, labels=labels, key=jax.random.key(2))
+  assert sorted(np.asarray(out.ids).tolist()) == list(range(40))
+  dense = h @ layer.kernel[...].T + layer.bias[...]
+  np.testing.assert_allclose(out.logits, dense[:, out.ids], rtol=1e-5, atol=1e-5)
+
+  def sparse_loss(layer):
+    return nn.sampled_softmax_loss(layer(h, labels=labels, key=jax.random.key(2)))
+
+  def dense_loss(layer):
+    return nn.dense_softmax_loss(h @ layer.kernel[...].T + layer.bias[...], labels)
+
+  np.testing.assert_allclose(sparse_loss(layer), dense_loss(layer), rtol=1e-5)
+  gs = nnx.grad(sparse_loss)(layer)
+  gd = nnx.grad(dense_loss)(layer)
+  np.testing.assert_allclose(gs["kernel"][...], gd["kernel"][...], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(gs["bias"][...], gd["bias"][...], rtol=1e-4, atol=1e-6)
+
+
+def test_tables_are_a_variable_not_a_param():
+  model = nn.SlideMLP(50, 60, hidden=8, l=3, num_active=16, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  leaves = jax.tree.leaves(params)
+  assert all(jnp.issubdtype(x.dtype, jnp.floating) for x in leaves)
+  assert jax.tree.leaves(nnx.state(model, nn.HashTables))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  ids = jnp.zeros((2, 3), jnp.int32)
+  vals = jnp.ones((2, 3), jnp.float32)
+  labels = jnp.array([[1], [2]], jnp.int32)
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = nnx.value_and_grad(
+        lambda m: nn.sampled_softmax_loss(m(ids, vals, labels=labels, key=jax.random.key(0))))(
+            model)
+    optimizer.update(model, grads)
+    return loss
+
+  before = np.asarray(model.output.kernel[...]).copy()
+  assert np.isfinite(float(step(model, optimizer)))
+  assert not np.array_equal(before, np.asarray(model.output.kernel[...]))
+
+
+def test_sparse_step_equals_dense_sgd_when_every_neuron_is_active():
+  trn, _ = _tiny_data()
+  model = nn.SlideMLP(trn.num_features, trn.num_labels, hidden=8, l=4,
+                      num_active=trn.num_labels, rngs=nnx.Rngs(0))
+  w_in, b_in = np.asarray(model.embed.kernel[...]), np.asarray(model.embed.bias[...])
+  w_out, b_out = np.asarray(model.output.kernel[...]), np.asarray(model.output.bias[...])
+  lr = 0.5
+  trainer = train.make_sparse_trainer(model, optax.sgd(lr), optax.sgd(lr), batch_size=8,
+                                      max_features=16, donate=False)
+  state = trainer.init()
+  batch = _batch(trn, np.arange(8))
+  state, out = trainer.step(state, batch, jax.random.key(3))
+
+  def dense_loss(params):
+    wi, bi, wo, bo = params
+    h = jax.nn.relu(jnp.einsum("bf,bfh->bh", batch.feature_values, wi[batch.feature_ids]) + bi)
+    return nn.dense_softmax_loss(h @ wo.T + bo, batch.label_ids)
+
+  params = tuple(map(jnp.asarray, (w_in, b_in, w_out, b_out)))
+  loss, grads = jax.value_and_grad(dense_loss)(params)
+  np.testing.assert_allclose(out.loss, loss, rtol=1e-5)
+  trainer.write_back(state)
+  for got, p, g in zip((model.embed.kernel, model.embed.bias, model.output.kernel,
+                        model.output.bias), params, grads):
+    np.testing.assert_allclose(got[...], p - lr * g, rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_step_leaves_untouched_rows_bit_identical():
+  trn, _ = _tiny_data()
+  model = nn.SlideMLP(trn.num_features, trn.num_labels, hidden=8, l=4, num_active=16,
+                      rngs=nnx.Rngs(0))
+  w_in = np.asarray(model.embed.kernel[...]).copy()
+  w_out = np.asarray(model.output.kernel[...]).copy()
+  trainer = train.make_sparse_trainer(model, optax.adam(1e-2), optax.adam(1e-2), batch_size=8,
+                                      max_features=16)
+  state = trainer.init()
+  batch = _batch(trn, np.arange(8))
+  state, out = trainer.step(state, batch, jax.random.key(0))
+  touched_out = np.zeros(trn.num_labels, bool)
+  touched_out[np.asarray(state.other["output"]["active_ids"][...])[:16].clip(0, trn.num_labels - 1)] = True
+  trainer.write_back(state)
+  used_features = np.unique(batch.feature_ids[batch.feature_values != 0])
+  untouched_in = np.setdiff1d(np.arange(trn.num_features), used_features)
+  np.testing.assert_array_equal(np.asarray(model.embed.kernel[...])[untouched_in],
+                                w_in[untouched_in])
+  assert not np.array_equal(np.asarray(model.embed.kernel[...])[used_features],
+                            w_in[used_features])
+  new_out = np.asarray(model.output.kernel[...])
+  np.testing.assert_array_equal(new_out[~touched_out], w_out[~touched_out])
+  labels = batch.label_ids[batch.label_ids >= 0]
+  assert np.all(np.any(new_out[labels] != w_out[labels], axis=1))
+
+
+def test_step_has_no_dense_gradient_of_the_wide_layer():
+  trn, _ = _tiny_data(labels=997)
+  model = nn.SlideMLP(trn.num_features, 997, hidden=24, l=4, num_active=32, rngs=nnx.Rngs(0))
+  trainer = train.make_sparse_trainer(model, optax.adam(1e-3), optax.adam(1e-3), batch_size=8,
+                                      max_features=16)
+  state = trainer.init()
+  hlo = trainer.step.lower(state, _batch(trn, np.arange(8)), jax.random.key(0)).compile().as_text()
+  # In the compiled program, every instruction that yields a whole [997, 24] array (output
+  # kernel, Adam moments) must be a parameter or an in-place scatter of rows: no broadcast of
+  # zeros (a dense gradient), no dense update, no copy.
+  wide = [line.strip() for line in hlo.splitlines()
+          if "= f32[997,24]" in line and "ENTRY" not in line and "ROOT" not in line]
+  kinds = [("parameter" if " parameter(" in line else
+            "scatter" if (" scatter(" in line or "wrapped_scatter" in line.split("=")[0])
+            else line[:160]) for line in wide]
+  assert kinds.count("scatter") == 3, kinds   # kernel, mu, nu
+  assert set(kinds) <= {"parameter", "scatter"}, kinds
+  assert "input_output_alias" in hlo  # donated: updated in place
+
+
+def test_fit_learns_and_reports(tmp_path):
+  trn, tst = _tiny_data(points=3000)
+  config = train.TrainConfig(hidden=32, l=8, num_active=48, batch_size=64, epochs=4, lr=5e-3,
+                             rebuild_first=10, eval_every=20, eval_points=200)
+  result = train.fit(config, trn, tst, progress=False)
+  for key in ("p@1", "p@3", "p@5", "ndcg@5", "train_seconds", "samples_per_second", "steps",
+              "rebuilds", "rebuild_seconds", "history", "config"):
+    assert key in result
+  assert result["rebuilds"] >= 2 and result["steps"] == 4 * -(-trn.num_points // 64)
+  assert result["history"][0]["step"] == 20
+  chance = 1.0 / trn.num_labels
+  assert result["p@1"] > 20 * chance, result["p@1"]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+  trn, tst = _tiny_data(points=700)
+  base = dict(hidden=16, l=4, num_active=32, batch_size=64, lr=5e-3, rebuild_first=5,
+              rebuild_growth=1.5, seed=3)
+  full = train.fit(train.TrainConfig(epochs=3, **base), trn, tst, progress=False)
+  ckdir = tmp_path / "ck"
+  train.fit(train.TrainConfig(epochs=2, **base), trn, tst, checkpoint_dir=str(ckdir),
+            progress=False)
+  # The epoch count is not part of the state: extending the run continues it exactly.
+  resumed = train.fit(train.TrainConfig(epochs=3, **base), trn, tst, checkpoint_dir=str(ckdir),
+                      resume=True, progress=False)
+  assert resumed["steps"] == full["steps"]
+  assert resumed["rebuilds"] == full["rebuilds"]
+  for a, b in zip(jax.tree.leaves(nnx.state(full["model"], nnx.Param)),
+                  jax.tree.leaves(nnx.state(resumed["model"], nnx.Param))):
+    np.testing.assert_array_equal(a, b)
+  assert resumed["p@1"] == full["p@1"]
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+  trn, tst = _tiny_data(points=200)
+  ckdir = tmp_path / "ck"
+  cfg = train.TrainConfig(hidden=8, l=2, num_active=16, batch_size=64, epochs=1)
+  train.fit(cfg, trn, tst, checkpoint_dir=str(ckdir), progress=False)
+  other = train.TrainConfig(hidden=16, l=2, num_active=16, batch_size=64, epochs=2)
+  with pytest.raises(train.CheckpointError, match="hidden"):
+    train.fit(other, trn, tst, checkpoint_dir=str(ckdir), resume=True, progress=False)
+
+
+def test_bad_inputs_fail_before_training():
+  trn, tst = _tiny_data(points=200)
+  cfg = train.TrainConfig(hidden=8, l=2, num_active=16, batch_size=32, epochs=1)
+  wrong_dims = tst._replace(num_features=tst.num_features + 1)
+  with pytest.raises(train.TrainingError, match="features"):
+    train.fit(cfg, trn, wrong_dims, progress=False)
+  bad_labels = tst._replace(label_ids=tst.label_ids.copy())
+  bad_labels.label_ids[0] = trn.num_labels + 5
+  with pytest.raises(train.TrainingError, match="label id"):
+    train.fit(cfg, trn, bad_labels, progress=False)
+  empty = xcdata.subset(trn, np.arange(0))
+  with pytest.raises(train.TrainingError, match="empty"):
+    train.fit(cfg, empty, tst, progress=False)
+  with pytest.raises(train.TrainingError, match="num_active"):
+    train.fit(dataclasses.replace(cfg, num_active=10_000), trn, tst, progress=False)
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+  trn, tst = _tiny_data(points=640)
+  ckdir = tmp_path / "ck"
+  cfg = train.TrainConfig(hidden=8, l=2, num_active=16, batch_size=64, epochs=3, lr=1e30,
+                          checkpoint_every=1)
+  with pytest.raises(train.TrainingDiverged, match=r"step \d+"):
+    train.fit(cfg, trn, tst, checkpoint_dir=str(ckdir), progress=False)
+  last = train.latest_checkpoint(ckdir)
+  assert last is not None
+
+
+def test_rehash_schedule():
+  s = train.RehashSchedule(first=50, growth=2.0, max_interval=300)
+  assert s.rebuild_steps(1000) == [50, 150, 350, 650, 950]
+  assert s.is_rebuild_step(150) == (True, False)
+  assert s.is_rebuild_step(151) == (False, False)
+  f = train.fixed_interval(10, redraw_every=2)
+  assert f.rebuild_steps(40) == [10, 20, 30, 40]
+  assert f.is_rebuild_step(20) == (True, True) and f.is_rebuild_step(30) == (True, False)
+
+
+def test_cli_train_json(tmp_path):
+  trn, tst = _tiny_data(points=300)
+  xcdata.write_xc(tmp_path / "train.txt", trn)
+  xcdata.write_xc(tmp_path / "test.txt", tst)
+  out = tmp_path / "r.json"
+  code = cli_main(["train", "--train", str(tmp_path / "train.txt"), "--test",
+                   str(tmp_path / "test.txt"), "--hidden", "8", "--l", "2", "--num-active", "16",
+                   "--epochs", "1", "--batch-size", "64", "--json", str(out), "--no-progress"])
+  assert code == 0
+  result = json.loads(out.read_text())
+  assert {"p@1", "p@3", "p@5", "ndcg@5", "history", "config", "steps"} <= set(result)
+  code = cli_main(["train", "--train", str(tmp_path / "train.txt"), "--num-active", "100000",
+                   "--no-progress"])
+  assert code == 2
