@@ -3,3 +3,16 @@
 Kernels take and return NumPy arrays; randomness is passed in as arrays. JAX reaches the
 table and selection kernels through one wrapper module, ``slidejax.lsh._host``.
 """
+
+from hostops._parse import count_duplicate_ids
+from hostops._parse import format_sparse_lines
+from hostops._parse import merge_duplicate_ids
+from hostops._parse import pad_csr_rows
+from hostops._parse import scan_sparse_lines
+from hostops._select import POLICIES
+from hostops._select import select_per_sample
+from hostops._select import select_shared
+from hostops._select import warmup_lsh_kernels
+from hostops._tables import build_tables
+from hostops._tables import update_tables
+
