@@ -105,3 +105,17 @@ def test_top_k_chunked_is_exact(strict_promotion):
 def test_target_distribution_spreads_mass(strict_promotion):
   t = nn.target_distribution(jnp.array([[0, 2, -1], [-1, -1, -1]], jnp.int32), 4)
   np.testing.assert_allclose(t, [[0.5, 0, 0.5, 0], [0, 0, 0, 0]])
+
+
+def test_unique_with_inverse(strict_promotion):
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(0, 20, 50), jnp.int32)
+  unique, inverse = nn.unique_with_inverse(ids, 25, 20)
+  ref = np.unique(np.asarray(ids))
+  np.testing.assert_array_equal(unique[:len(ref)], ref)
+  assert np.all(np.asarray(unique[len(ref):]) == 20)
+  np.testing.assert_array_equal(unique[inverse], ids)
+  # More distinct ids than room: the largest are dropped, their inverse is out of range.
+  unique, inverse = nn.unique_with_inverse(jnp.array([5, 1, 9, 1, 7], jnp.int32), 2, 99)
+  np.testing.assert_array_equal(unique, [1, 5])
+  np.testing.assert_array_equal(inverse, [1, 0, 2, 0, 2])

@@ -20,6 +20,30 @@ def gather_rows(weights: jax.Array, ids: jax.Array) -> jax.Array:
   return jnp.take(weights, ids, axis=0, mode="fill", fill_value=0)
 
 
+def unique_with_inverse(ids: jax.Array, size: int, fill_value: int
+                        ) -> tuple[jax.Array, jax.Array]:
+  """Sorted unique ids with a static size, and where each input id went.
+
+  Uses one single-key int32 sort (fast on CPU, unlike argsort or payload sorts), a cumsum
+  and a binary search. ``fill_value`` must exceed every id that matters (it pads the tail);
+  if there are more than ``size`` distinct ids, the largest ones are dropped and their
+  inverse is ``size`` (out of range on purpose).
+
+  Args:
+    ids: int32 ``[R]``.
+  Returns:
+    (unique int32 ``[size]``, inverse int32 ``[R]`` with ``unique[inverse] == ids``).
+  """
+  sorted_ids = jnp.sort(ids)
+  is_new = jnp.concatenate([jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]])
+  pos = jnp.cumsum(is_new.astype(jnp.int32)) - 1
+  unique = jnp.full((size,), fill_value, ids.dtype).at[jnp.where(is_new, pos, size)].set(
+      sorted_ids, mode="drop")
+  inverse = jnp.searchsorted(unique, ids).astype(jnp.int32)
+  found = jnp.take(unique, jnp.minimum(inverse, size - 1)) == ids
+  return unique, jnp.where(found, inverse, size)
+
+
 def embedding_bag(rows: jax.Array, values: jax.Array, bias: jax.Array | None = None) -> jax.Array:
   """Weighted sum of feature rows per sample.
 

@@ -38,18 +38,34 @@ class SparseInput(nnx.Module):
 
     Padding entries have value 0; ids out of range read zero rows.
     """
-    rows = F.gather_rows(self.kernel[...], feature_ids)
-    if self.kernel_delta is not None:
-      rows = rows + self.kernel_delta[...]
-      used = jnp.where(feature_values != 0, feature_ids, self.num_features)
-      self.active_ids.set_value(used.reshape(-1).astype(jnp.int32))
-    return F.embedding_bag(rows, feature_values, self.bias[...])
+    if self.kernel_delta is None:
+      rows = F.gather_rows(self.kernel[...], feature_ids)
+      return F.embedding_bag(rows, feature_values, self.bias[...])
+    # Row-gradient capture: gather each distinct feature row once ([U, out]); the gradient
+    # w.r.t. kernel_delta is then the (already summed) gradient of those rows.
+    batch, width = feature_ids.shape
+    num_unique = self.kernel_delta.shape[0]
+    used = jnp.where(feature_values != 0, feature_ids, self.num_features).astype(jnp.int32)
+    unique_ids, slots = F.unique_with_inverse(used.reshape(-1), num_unique, self.num_features)
+    self.active_ids.set_value(unique_ids)
+    rows = F.gather_rows(self.kernel[...], unique_ids) + self.kernel_delta[...]
+    slots = slots.reshape(batch, width)
+    if num_unique <= 8 * width:
+      # Few distinct rows: a dense [B, U] bag-of-features matrix times the rows is a BLAS
+      # product forward and backward, instead of a [B, F, out] gather and scatter-add.
+      bag = jnp.zeros((batch, num_unique), rows.dtype).at[
+          jnp.arange(batch)[:, None], slots].add(feature_values, mode="drop")
+      return bag @ rows + self.bias[...]
+    return F.embedding_bag(F.gather_rows(rows, slots), feature_values, self.bias[...])
 
   def attach_row_delta(self, batch_size: int, width: int) -> None:
-    """Prepares row-gradient capture for batches of ``[batch_size, width]`` features."""
-    self.kernel_delta = RowDelta(
-        jnp.zeros((batch_size, width, self.features_out), self.kernel.dtype))
-    self.active_ids = ActiveIds(jnp.zeros((batch_size * width,), jnp.int32))
+    """Prepares row-gradient capture for batches of ``[batch_size, width]`` features.
+
+    A batch touches at most ``U = min(batch_size * width, num_features)`` distinct rows.
+    """
+    num_unique = min(batch_size * width, self.num_features)
+    self.kernel_delta = RowDelta(jnp.zeros((num_unique, self.features_out), self.kernel.dtype))
+    self.active_ids = ActiveIds(jnp.full((num_unique,), self.num_features, jnp.int32))
 
   def detach_row_delta(self) -> None:
     self.kernel_delta = nnx.data(None)

@@ -123,7 +123,9 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
     group_names[path] = tuple(name for name, value in vars(layer).items()
                               if isinstance(value, RowParam))
   tx_rows = optim.row_sparse(row_tx)
-  unique_rows = {path: isinstance(layer, SlideDense) and layer.mode in ("shared", "dense")
+  # Rows of SparseInput (deduplicated in the forward pass) and of batch-shared SlideDense
+  # layers are unique; per-sample active sets overlap and are summed by the optimizer.
+  unique_rows = {path: not (isinstance(layer, SlideDense) and layer.mode == "per_sample")
                  for path, layer in layers}
 
   def init() -> SparseTrainState:
