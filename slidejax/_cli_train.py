@@ -49,6 +49,9 @@ def add_parser(subparsers) -> None:
   p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory")
   p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
   p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
+  p.add_argument("--mesh", metavar="SPEC",
+                 help="shard the output layer over a device mesh, e.g. data=2,model=4 "
+                      "(see README: Scaling out)")
   p.add_argument("--json", metavar="PATH", help="write the results as JSON")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(func=run)
@@ -82,18 +85,37 @@ def config_from_args(args):
       builder=args.builder, checkpoint_every=args.checkpoint_every)
 
 
+def _provide_cpu_devices(mesh_spec: str) -> None:
+  """Lets a CPU-only host run a mesh: as many CPU devices as the mesh has (set before JAX
+  starts its backends; it does not affect GPU/TPU devices)."""
+  import math
+
+  import jax
+  from slidejax import distributed
+  jax.config.update("jax_num_cpu_devices", math.prod(distributed.parse_mesh(mesh_spec).values()))
+
+
 def run(args) -> int:
   from slidejax import data as xcdata
   from slidejax import train as training
   try:
+    if args.mesh:
+      _provide_cpu_devices(args.mesh)
     train, test, source = load_data(args)
     config = config_from_args(args)
     print(f"data: {source}: {train.num_points} train points, "
           f"{0 if test is None else test.num_points} test, {train.num_features} features, "
           f"{train.num_labels} labels", file=sys.stderr)
-    result = training.fit(config, train, test, checkpoint_dir=args.checkpoint,
-                          resume=args.resume, progress=not args.no_progress,
-                          log=lambda m: print(m, file=sys.stderr))
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.mesh:
+      from slidejax import distributed
+      if args.checkpoint or args.resume:
+        raise training.TrainingError("--checkpoint/--resume are not supported with --mesh yet")
+      result = distributed.train_sharded(config, train, test, args.mesh,
+                                         progress=not args.no_progress, log=log)
+    else:
+      result = training.fit(config, train, test, checkpoint_dir=args.checkpoint,
+                            resume=args.resume, progress=not args.no_progress, log=log)
   except (xcdata.XCFormatError, training.TrainingError, training.CheckpointError,
           ValueError, OSError) as err:
     print(f"slidejax train: error: {err}", file=sys.stderr)
@@ -102,6 +124,7 @@ def run(args) -> int:
     print(f"slidejax train: {err}", file=sys.stderr)
     return 3
   result.pop("model", None)
+  result.pop("state", None)
   keys = [k for k in ("p@1", "p@3", "p@5", "ndcg@5", "psp@5") if k in result]
   summary = "  ".join(f"{k}={result[k]:.4f}" for k in keys)
   print(f"{summary}  steps={result['steps']}  train_seconds={result['train_seconds']:.1f}  "

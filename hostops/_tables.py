@@ -1,0 +1,183 @@
+"""Numba kernels that build and incrementally update LSH bucket tables.
+
+Layout: ``buckets int32[l, num_buckets, capacity]`` (-1 = empty, each bucket's ids stored
+first, compacted), ``counts int32[l, num_buckets]`` (neurons whose current code is the
+bucket, stored or not), codes ``int32[l, n]`` (table-major: one contiguous row per table).
+
+Insertion policies:
+  * FIFO (``reservoir=False``): ids are offered in increasing neuron id order and a full
+    bucket evicts its oldest id, so a bucket keeps the LAST ``capacity`` ids offered to it.
+  * reservoir: Algorithm R; the i-th id offered to a bucket replaces a random slot with
+    probability ``capacity / i``, so a bucket holds a uniform random subset.
+
+Randomness is passed in as ``seeds uint64[l]`` drawn by the caller (from a JAX key); a
+counter-based splitmix64 hash of (seed, draw index) gives each draw, so results do not depend
+on thread scheduling. All outputs are freshly allocated.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@nb.njit(cache=True, inline="always")
+def splitmix64(x):
+  """A 64-bit mixing function (splitmix64 finaliser) of a uint64."""
+  z = x + np.uint64(0x9E3779B97F4A7C15)
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+@nb.njit(cache=True, inline="always")
+def random_below(seed, counter, bound):
+  """Uniform int in ``[0, bound)`` from draw ``counter`` of stream ``seed``."""
+  return np.int64(splitmix64(seed + np.uint64(counter) * _GOLDEN) % np.uint64(bound))
+
+
+@nb.njit(cache=True)
+def _fill_table(codes_t, num_buckets, capacity, reservoir, seed, bucket_out, count_out):
+  """Fills one table: codes_t int32[n] -> bucket_out [num_buckets, capacity], count_out."""
+  n = codes_t.shape[0]
+  for i in range(n):
+    count_out[codes_t[i]] += 1
+  if reservoir:
+    seen = np.zeros(num_buckets, np.int64)
+    for i in range(n):
+      b = codes_t[i]
+      c = seen[b]
+      seen[b] = c + 1
+      if c < capacity:
+        bucket_out[b, c] = i
+      else:
+        j = random_below(seed, i, c + 1)
+        if j < capacity:
+          bucket_out[b, j] = i
+    return
+  # FIFO: keep the last `capacity` ids of each bucket, stored in id order.
+  rank = np.zeros(num_buckets, np.int64)
+  for i in range(n):
+    b = codes_t[i]
+    r = rank[b]
+    rank[b] = r + 1
+    skip = count_out[b] - capacity
+    if r >= skip:
+      bucket_out[b, r - max(skip, 0)] = i
+
+
+@nb.njit(cache=True, parallel=True)
+def build_tables(codes_ln, num_buckets, capacity, reservoir, seeds):
+  """Builds all tables from codes int32[l, n]; returns (buckets, counts)."""
+  num_tables = codes_ln.shape[0]
+  buckets = np.full((num_tables, num_buckets, capacity), -1, np.int32)
+  counts = np.zeros((num_tables, num_buckets), np.int32)
+  for t in nb.prange(num_tables):
+    _fill_table(codes_ln[t], num_buckets, capacity, reservoir, seeds[t], buckets[t], counts[t])
+  return buckets, counts
+
+
+@nb.njit(cache=True)
+def _compact_without(bucket, is_updated):
+  """Removes updated ids from a bucket row, keeping order; returns the new size."""
+  size = 0
+  for s in range(bucket.shape[0]):
+    v = bucket[s]
+    if v < 0:
+      break
+    if not is_updated[v]:
+      bucket[size] = v
+      size += 1
+  for s in range(size, bucket.shape[0]):
+    bucket[s] = -1
+  return size
+
+
+@nb.njit(cache=True)
+def _update_table(bucket_t, count_t, old_codes_t, new_codes_t, ids, is_updated, reservoir,
+                  seed):
+  """Re-inserts ``ids`` (unique, increasing) into one table, in place on fresh copies."""
+  r = ids.shape[0]
+  num_buckets, capacity = bucket_t.shape
+  compacted = np.zeros(num_buckets, np.bool_)
+  size = np.zeros(num_buckets, np.int64)
+  for j in range(r):
+    b = old_codes_t[j]
+    count_t[b] -= 1
+    if not compacted[b]:
+      compacted[b] = True
+      size[b] = _compact_without(bucket_t[b], is_updated)
+  for j in range(r):
+    b = new_codes_t[j]
+    if not compacted[b]:
+      compacted[b] = True
+      size[b] = _compact_without(bucket_t[b], is_updated)
+  for j in range(r):
+    b = new_codes_t[j]
+    c = count_t[b]          # neurons in the bucket before this one
+    count_t[b] = c + 1
+    s = size[b]
+    if s < capacity:
+      bucket_t[b, s] = ids[j]
+      size[b] = s + 1
+    elif reservoir:
+      slot = random_below(seed, j, c + 1)
+      if slot < capacity:
+        bucket_t[b, slot] = ids[j]
+    else:  # FIFO: evict the oldest (first) entry
+      for q in range(capacity - 1):
+        bucket_t[b, q] = bucket_t[b, q + 1]
+      bucket_t[b, capacity - 1] = ids[j]
+
+
+@nb.njit(cache=True, parallel=True)
+def update_tables(buckets, counts, neuron_codes, ids, new_codes, reservoir, seeds):
+  """Incrementally re-inserts neurons; returns fresh (buckets, counts, neuron_codes).
+
+  Args:
+    buckets: int32[l, num_buckets, capacity]; counts: int32[l, num_buckets].
+    neuron_codes: int32[n, l], the codes the neurons are currently inserted with.
+    ids: int32[r] neuron ids (-1 or out of range = padding; duplicates use the first).
+    new_codes: int32[r, l]; seeds: uint64[l].
+  """
+  n, num_tables = neuron_codes.shape
+  buckets = buckets.copy()
+  counts = counts.copy()
+  codes_out = neuron_codes.copy()
+  is_updated = np.zeros(max(n, 1), np.bool_)
+  order = np.argsort(ids, kind="mergesort")
+  keep = np.empty(ids.shape[0], np.int64)
+  r = 0
+  for q in range(order.shape[0]):
+    j = order[q]
+    i = ids[j]
+    if 0 <= i < n and not is_updated[i]:
+      is_updated[i] = True
+      keep[r] = j
+      r += 1
+  kept_ids = np.empty(r, np.int32)
+  old_ln = np.empty((num_tables, r), np.int32)
+  new_ln = np.empty((num_tables, r), np.int32)
+  for q in range(r):
+    j = keep[q]
+    i = ids[j]
+    kept_ids[q] = i
+    for t in range(num_tables):
+      old_ln[t, q] = neuron_codes[i, t]
+      new_ln[t, q] = new_codes[j, t]
+      codes_out[i, t] = new_codes[j, t]
+  for t in nb.prange(num_tables):
+    _update_table(buckets[t], counts[t], old_ln[t], new_ln[t], kept_ids, is_updated,
+                  reservoir, seeds[t])
+  return buckets, counts, codes_out
+
+
+def warmup() -> None:
+  """Compiles the table kernels on tiny inputs (cached on disk by Numba)."""
+  codes = np.zeros((2, 3), np.int32)
+  seeds = np.zeros(2, np.uint64)
+  for reservoir in (False, True):
+    b, c = build_tables(codes, 4, 2, reservoir, seeds)
+    update_tables(b, c, np.ascontiguousarray(codes.T), np.array([1], np.int32),
+                  np.ones((1, 2), np.int32), reservoir, seeds)

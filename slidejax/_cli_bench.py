@@ -1,0 +1,119 @@
+"""``slidejax bench``: dense-vs-sparse step timings and time-to-accuracy, side by side."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+
+
+def add_parser(subparsers) -> None:
+  p = subparsers.add_parser(
+      "bench", help="benchmark sparse against dense training on this machine",
+      description="Times the dense JAX step and slidejax's sparse steps alternately in one "
+                  "process (medians, speed-ups, breakdown, peak RSS), or with "
+                  "--time-to-accuracy trains both and compares P@1 against wall time.")
+  p.add_argument("scenario", nargs="?", default="amazon670k",
+                 help="amazon670k | delicious200k | amazon67k | small | custom "
+                      "(default: %(default)s)")
+  p.add_argument("--features", type=int)
+  p.add_argument("--labels", type=int)
+  p.add_argument("--hidden", type=int)
+  p.add_argument("--batch-size", type=int)
+  p.add_argument("--nnz", type=int)
+  p.add_argument("--labels-per-point", type=int)
+  p.add_argument("--modes", default="shared:2048,shared:8192,per_sample:1024",
+                 help="comma-separated MODE:NUM_ACTIVE list (default: %(default)s)")
+  p.add_argument("--hash", default="simhash", choices=("simhash", "wta", "dwta", "minhash"))
+  p.add_argument("--l", type=int, default=50)
+  p.add_argument("--k", type=int, default=None)
+  p.add_argument("--builder", choices=("host", "jax"), default=None)
+  p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--time-to-accuracy", action="store_true")
+  p.add_argument("--preset", default="mid", help="synthetic preset for --time-to-accuracy")
+  p.add_argument("--train", help="training file (XC format) for --time-to-accuracy")
+  p.add_argument("--test", help="test file (XC format) for --time-to-accuracy")
+  p.add_argument("--epochs", type=int, default=3)
+  p.add_argument("--num-active", type=int, default=4096)
+  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--eval-every", type=int, default=100)
+  p.add_argument("--eval-points", type=int, default=2000)
+  p.add_argument("--time-budget", type=float, default=None,
+                 help="seconds per run (time to accuracy)")
+  p.add_argument("--plot", default="time_to_accuracy.png", help="PNG path (needs matplotlib)")
+  p.add_argument("--json", metavar="PATH")
+  p.set_defaults(func=run)
+
+
+def _scenario(args):
+  from slidejax.bench import steps
+  base = steps.SCENARIOS.get(args.scenario)
+  if base is None:
+    if args.scenario != "custom":
+      raise ValueError(f"unknown scenario {args.scenario!r}; expected one of "
+                       f"{sorted(steps.SCENARIOS)} or custom")
+    if not (args.features and args.labels):
+      raise ValueError("custom scenario needs --features and --labels")
+    base = steps.Scenario("custom", args.features, args.labels)
+  overrides = {"features": args.features, "labels": args.labels, "hidden": args.hidden,
+               "batch_size": args.batch_size, "nnz": args.nnz,
+               "labels_per_point": args.labels_per_point}
+  return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v})
+
+
+def _modes(text: str):
+  out = []
+  for item in text.split(","):
+    mode, _, size = item.partition(":")
+    if mode not in ("shared", "per_sample") or not size.isdigit():
+      raise ValueError(f"--modes: {item!r} is not MODE:NUM_ACTIVE with MODE shared|per_sample")
+    out.append((mode, int(size)))
+  return tuple(out)
+
+
+def _time_to_accuracy(args) -> dict:
+  from slidejax import data as xcdata
+  from slidejax import train
+  from slidejax.bench import time_to_accuracy as tta
+  if args.train:
+    trn = xcdata.read_xc(args.train)
+    tst = xcdata.read_xc(args.test) if args.test else None
+    if tst is None:
+      raise ValueError("--train needs --test for --time-to-accuracy")
+  else:
+    trn, tst = xcdata.synthesize_split(**xcdata.SYNTH_PRESETS[args.preset], seed=0)
+  common = dict(epochs=args.epochs, lr=args.lr, eval_every=args.eval_every,
+                eval_points=args.eval_points, time_budget=args.time_budget,
+                batch_size=args.batch_size or 128, hidden=args.hidden or 128)
+  sparse = train.TrainConfig(num_active=min(args.num_active, trn.num_labels), hash=args.hash,
+                             l=args.l, k=args.k, builder=args.builder, **common)
+  dense = train.TrainConfig(dense=True, **common)
+  result = tta.run(trn, tst, sparse=sparse, dense=dense,
+                   log=lambda m: print(m, file=sys.stderr))
+  if args.plot and tta.plot(result, args.plot):
+    result["plot"] = args.plot
+    print(f"plot: {args.plot}")
+  elif args.plot:
+    print("plot skipped: matplotlib is not installed (pip install 'slidejax[plot]')")
+  print(f"target P@1 {result['target_p@1']:.4f}: dense {result['dense_seconds_to_target']} s, "
+        f"sparse {result['sparse_seconds_to_target']} s, ratio {result['time_ratio']}")
+  return result
+
+
+def run(args) -> int:
+  try:
+    if args.time_to_accuracy:
+      result = _time_to_accuracy(args)
+    else:
+      from slidejax.bench import steps
+      result = steps.run(_scenario(args), modes=_modes(args.modes), hash_name=args.hash,
+                         l=args.l, k=args.k, repeats=args.repeats, backend=args.builder)
+      print(f"best sparse {result['sparse_step_ms']:.1f} ms vs dense "
+            f"{result['dense_step_ms']:.1f} ms: {result['speedup']:.1f}x; "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB")
+  except ValueError as err:
+    print(f"slidejax bench: error: {err}", file=sys.stderr)
+    return 2
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=1, default=float) + "\n")
+  return 0

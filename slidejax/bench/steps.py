@@ -1,0 +1,191 @@
+"""Side-by-side step timings: dense JAX step vs slidejax sparse steps, in one process.
+
+``slidejax bench [SCENARIO]`` runs this. Steps are timed alternately (dense, sparse mode 1,
+sparse mode 2, ..., dense, ...), so drift of a shared machine hits all of them alike;
+medians are reported with the speed-up ratios.
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from slidejax import nn
+from slidejax import train
+from slidejax import lsh
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+  name: str
+  features: int
+  labels: int
+  hidden: int = 128
+  batch_size: int = 128
+  nnz: int = 75
+  labels_per_point: int = 5
+  max_features: int = 128
+  max_labels: int = 8
+
+
+SCENARIOS = {
+    "amazon670k": Scenario("amazon670k", 135_909, 670_091, labels_per_point=5, max_labels=8),
+    "delicious200k": Scenario("delicious200k", 782_585, 205_443, labels_per_point=75,
+                              max_labels=128, max_features=256, nnz=300),
+    "amazon67k": Scenario("amazon67k", 135_909, 67_009, labels_per_point=5, max_labels=8),
+    "small": Scenario("small", 20_000, 20_000, batch_size=128, nnz=40, max_features=64),
+}
+
+
+def random_batches(s: Scenario, count: int, seed: int = 0) -> list[train.TrainBatch]:
+  """``count`` fixed-shape batches with Zipf-distributed labels and features."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(count):
+    nnz = min(s.nnz, s.max_features)
+    f_ids = (rng.zipf(1.3, size=(s.batch_size, s.max_features)) - 1) % s.features
+    f_vals = rng.random((s.batch_size, s.max_features), dtype=np.float32)
+    f_vals[:, nnz:] = 0.0
+    f_ids[:, nnz:] = 0
+    l_ids = (rng.zipf(1.2, size=(s.batch_size, s.max_labels)) - 1) % s.labels
+    l_ids[:, min(s.labels_per_point, s.max_labels):] = -1
+    out.append(train.TrainBatch(f_ids.astype(np.int32), f_vals, l_ids.astype(np.int32),
+                                np.arange(s.batch_size, dtype=np.int32)))
+  return out
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _time(fn, *args) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t0
+
+
+class _Runner:
+  """A model + trainer + state, stepping through the shared batches."""
+
+  def __init__(self, name, model, trainer, batches):
+    self.name, self.model, self.trainer, self.batches = name, model, trainer, batches
+    t0 = time.perf_counter()
+    self.state = trainer.init()
+    self.i = 0
+    self.step_once()
+    self.compile_seconds = time.perf_counter() - t0
+    self.times: list[float] = []
+
+  def step_once(self) -> float:
+    batch = self.batches[self.i % len(self.batches)]
+    t0 = time.perf_counter()
+    self.state, out = self.trainer.step(self.state, batch, jax.random.key(self.i))
+    out.loss.block_until_ready()
+    self.i += 1
+    return time.perf_counter() - t0
+
+
+def _sparse_runner(s: Scenario, batches, *, mode: str, num_active: int, hash_name: str,
+                   l: int, k: int | None, backend: str | None) -> _Runner:
+  model = nn.SlideMLP(s.features, s.labels, hidden=s.hidden, hash=hash_name, l=l, k=k,
+                      num_active=num_active, mode=mode, backend=backend, rngs=nnx.Rngs(0))
+  trainer = train.make_sparse_trainer(model, optax.adam(1e-4), optax.adam(1e-4),
+                                      batch_size=s.batch_size, max_features=s.max_features)
+  return _Runner(f"{mode}:{num_active}", model, trainer, batches)
+
+
+def _dense_runner(s: Scenario, batches) -> _Runner:
+  model = nn.DenseMLP(s.features, s.labels, hidden=s.hidden, rngs=nnx.Rngs(0))
+  trainer = train.make_dense_trainer(model, optax.adam(1e-4))
+  return _Runner("dense", model, trainer, batches)
+
+
+def _breakdown(runner: _Runner, s: Scenario, repeats: int = 5) -> dict:
+  """Times of the step's parts, measured as separate programs on the same state."""
+  model = runner.model
+  runner.trainer.write_back(runner.state)
+  out_layer = model.output
+  batch = runner.batches[0]
+  h = nnx.jit(lambda m, ids, vals: m.hidden(ids, vals))(model, batch.feature_ids,
+                                                         batch.feature_values)
+  tables = out_layer.tables.get_value()
+  hp = out_layer.hash_params.get_value()
+  fam = out_layer.family
+
+  @jax.jit
+  def select(h, labels, key):
+    codes = fam.codes(hp, h)
+    if out_layer.mode == "shared":
+      return lsh.query_shared(tables, codes, num_active=out_layer.num_active,
+                              num_neurons=out_layer.out_features, key=key,
+                              policy=out_layer.policy, forced_ids=labels,
+                              backend=out_layer.backend)
+    return lsh.query(tables, codes, num_active=out_layer.num_active,
+                     num_neurons=out_layer.out_features, key=key, policy=out_layer.policy,
+                     forced_ids=labels, backend=out_layer.backend)
+
+  _time(select, h, batch.label_ids, jax.random.key(0))
+  query_ms = 1e3 * statistics.median(
+      _time(select, h, batch.label_ids, jax.random.key(i)) for i in range(repeats))
+  rebuild_key = jax.random.key(1)
+  for _ in range(2):  # the first call compiles; the second is timed
+    r0 = time.perf_counter()
+    runner.state = runner.trainer.rebuild(runner.state, rebuild_key)
+    jax.block_until_ready(runner.state.other)
+    rebuild_s = time.perf_counter() - r0
+  return {"query_ms": query_ms, "rebuild_seconds": rebuild_s}
+
+
+def run(s: Scenario, *, modes=(("shared", 2048), ("shared", 8192), ("per_sample", 1024)),
+        hash_name: str = "simhash", l: int = 50, k: int | None = None, repeats: int = 10,
+        backend: str | None = None, rebuild_every: float = 0.0, log=print) -> dict[str, Any]:
+  """Times dense vs sparse steps for scenario ``s``; returns the result dictionary."""
+  batches = random_batches(s, 8)
+  log(f"[{s.name}] {s.features} features, {s.labels} labels, hidden {s.hidden}, "
+      f"batch {s.batch_size}; backend {jax.default_backend()}")
+  runners = [_dense_runner(s, batches)]
+  log(f"  dense compiled in {runners[0].compile_seconds:.1f} s")
+  for mode, m in modes:
+    if m > s.labels:
+      continue
+    runners.append(_sparse_runner(s, batches, mode=mode, num_active=m, hash_name=hash_name,
+                                  l=l, k=k, backend=backend))
+    log(f"  {runners[-1].name} compiled in {runners[-1].compile_seconds:.1f} s")
+  for _ in range(2):  # warm-up
+    for r in runners:
+      r.step_once()
+  for _ in range(repeats):
+    for r in runners:
+      r.times.append(r.step_once())
+  dense_ms = 1e3 * statistics.median(runners[0].times)
+  per_mode = {}
+  for r in runners[1:]:
+    ms = 1e3 * statistics.median(r.times)
+    parts = _breakdown(r, s)
+    per_mode[r.name] = {"step_ms": ms, "speedup": dense_ms / ms,
+                        "samples_per_second": s.batch_size / (ms / 1e3),
+                        "compile_seconds": r.compile_seconds, **parts}
+    log(f"  {r.name:>18}: {ms:8.1f} ms/step  {dense_ms / ms:6.1f}x dense  "
+        f"query {parts['query_ms']:.1f} ms  rebuild {parts['rebuild_seconds']:.2f} s")
+  log(f"  {'dense':>18}: {dense_ms:8.1f} ms/step")
+  best = min(per_mode.values(), key=lambda e: e["step_ms"]) if per_mode else None
+  return {"scenario": dataclasses.asdict(s), "backend": jax.default_backend(),
+          "dense_step_ms": dense_ms,
+          "dense_samples_per_second": s.batch_size / (dense_ms / 1e3),
+          "dense_compile_seconds": runners[0].compile_seconds,
+          "sparse_step_ms": None if best is None else best["step_ms"],
+          "speedup": None if best is None else best["speedup"],
+          "modes": per_mode, "peak_rss_mb": peak_rss_mb()}
+
+
+if __name__ == "__main__":
+  print(run(SCENARIOS[sys.argv[1] if len(sys.argv) > 1 else "small"]))

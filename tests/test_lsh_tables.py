@@ -1,0 +1,184 @@
+"""Bucket tables: host (Numba) vs pure-JAX builders, incremental updates, jit and vmap."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slidejax import lsh
+
+RANGE_BITS = 4
+NUM_BUCKETS = 2**RANGE_BITS
+
+
+def _skewed_codes(seed, n, l):
+  """int32 [n, l] codes crowding the low buckets, so some overflow and some stay empty."""
+  rng = np.random.default_rng(seed)
+  codes = np.minimum(rng.geometric(0.2, size=(n, l)) - 1, NUM_BUCKETS - 2)
+  return jnp.asarray(codes.astype(np.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("capacity", "insertion", "backend"))
+def _build(codes, key, *, capacity, insertion, backend):
+  return lsh.build_tables(codes, range_bits=RANGE_BITS, bucket_capacity=capacity,
+                          insertion=insertion, key=key, backend=backend)
+
+
+@functools.partial(jax.jit, static_argnames=("insertion", "backend"))
+def _update(tables, ids, codes, key, *, insertion, backend):
+  return lsh.update_tables(tables, ids, codes, key=key, insertion=insertion, backend=backend)
+
+
+def _fifo_reference(codes, capacity):
+  """Per table and bucket: the last ``capacity`` ids in increasing order."""
+  n, l = codes.shape
+  table = np.full((l, NUM_BUCKETS, capacity), -1, np.int32)
+  for t in range(l):
+    for b in range(NUM_BUCKETS):
+      members = np.flatnonzero(codes[:, t] == b)[-capacity:]
+      table[t, b, :members.size] = members
+  return table
+
+
+def _check_consistent(tables):
+  """No duplicates per table, every stored id's current code is its bucket, sizes right."""
+  buckets = np.asarray(tables.buckets)
+  codes = np.asarray(tables.neuron_codes)
+  counts = np.asarray(tables.counts)
+  for t in range(buckets.shape[0]):
+    stored = buckets[t][buckets[t] >= 0]
+    assert np.unique(stored).size == stored.size
+    for b in range(buckets.shape[1]):
+      row = buckets[t, b]
+      size = int(np.sum(row >= 0))
+      assert (row[:size] >= 0).all() and (row[size:] == -1).all()      # compacted
+      assert (codes[row[:size], t] == b).all()                          # never stale
+      assert size <= min(counts[t, b], buckets.shape[2])
+  np.testing.assert_array_equal(counts, _counts_of(codes, buckets.shape[1]))
+
+
+def _counts_of(codes, num_buckets):
+  return np.stack([np.bincount(codes[:, t], minlength=num_buckets)
+                   for t in range(codes.shape[1])]).astype(np.int32)
+
+
+@pytest.mark.parametrize("capacity", [1, 5])
+def test_fifo_host_and_jax_identical_and_match_reference(capacity):
+  codes = _skewed_codes(0, 300, 3)
+  key = jax.random.key(0)
+  host = _build(codes, key, capacity=capacity, insertion="fifo", backend="host")
+  pure = _build(codes, key, capacity=capacity, insertion="fifo", backend="jax")
+  expected = _fifo_reference(np.asarray(codes), capacity)
+  np.testing.assert_array_equal(np.asarray(host.buckets), expected)
+  np.testing.assert_array_equal(np.asarray(pure.buckets), expected)
+  np.testing.assert_array_equal(np.asarray(host.counts), np.asarray(pure.counts))
+  _check_consistent(host)
+
+
+def test_reservoir_statistics_agree():
+  codes = _skewed_codes(1, 2000, 4)
+  capacity = 8
+  host = _build(codes, jax.random.key(0), capacity=capacity, insertion="reservoir",
+                backend="host")
+  pure = _build(codes, jax.random.key(0), capacity=capacity, insertion="reservoir",
+                backend="jax")
+  for tables in (host, pure):
+    _check_consistent(tables)
+  stats_host = {k: float(v) for k, v in lsh.table_stats(host).items()}
+  stats_pure = {k: float(v) for k, v in lsh.table_stats(pure).items()}
+  assert stats_host == stats_pure
+  assert stats_host["overflow"] > 0 and stats_host["empty_buckets"] > 0
+  # A reservoir holds a uniform subset: ids of an overflowing bucket are not just the last.
+  buckets = np.asarray(host.buckets)
+  c = np.asarray(codes)
+  members = np.flatnonzero(c[:, 0] == 0)
+  assert members.size > 4 * capacity
+  mean_rank = np.mean(np.searchsorted(members, buckets[0, 0]))
+  assert 0.2 * members.size < mean_rank < 0.8 * members.size
+  # Different keys give different subsets.
+  other = _build(codes, jax.random.key(5), capacity=capacity, insertion="reservoir",
+                 backend="host")
+  assert not np.array_equal(np.asarray(other.buckets), buckets)
+
+
+def _bucket_sets(tables):
+  buckets = np.asarray(tables.buckets)
+  return [[set(row[row >= 0].tolist()) for row in table] for table in buckets]
+
+
+@pytest.mark.parametrize("backend", ["host", "jax"])
+def test_update_equals_rebuild_without_overflow(backend):
+  n, l, capacity = 200, 3, 200
+  codes = _skewed_codes(2, n, l)
+  rng = np.random.default_rng(3)
+  ids = rng.choice(n, 30, replace=False).astype(np.int32)
+  ids = np.concatenate([ids, [-1, ids[0]]]).astype(np.int32)   # padding and a repeat
+  new_rows = np.array(_skewed_codes(4, ids.size, l))
+  new_rows[-1] = new_rows[0]       # the repeated id's rows agree (first one is used anyway)
+  key = jax.random.key(0)
+  tables = _build(codes, key, capacity=capacity, insertion="fifo", backend=backend)
+  updated = _update(tables, jnp.asarray(ids), jnp.asarray(new_rows), key, insertion="fifo",
+                    backend=backend)
+  final = np.asarray(codes).copy()
+  final[ids[:30]] = new_rows[:30]
+  rebuilt = _build(jnp.asarray(final), key, capacity=capacity, insertion="fifo",
+                   backend=backend)
+  assert _bucket_sets(updated) == _bucket_sets(rebuilt)
+  np.testing.assert_array_equal(np.asarray(updated.counts), np.asarray(rebuilt.counts))
+  np.testing.assert_array_equal(np.asarray(updated.neuron_codes), final)
+  _check_consistent(updated)
+
+
+@pytest.mark.parametrize("insertion", ["fifo", "reservoir"])
+def test_update_with_overflow_never_stale(insertion):
+  n, l, capacity = 400, 3, 6
+  codes = _skewed_codes(5, n, l)
+  key = jax.random.key(1)
+  results = {}
+  for backend in ("host", "jax"):
+    tables = _build(codes, key, capacity=capacity, insertion=insertion, backend=backend)
+    for step in range(3):
+      rng = np.random.default_rng(10 + step)
+      ids = jnp.asarray(rng.choice(n, 40, replace=False).astype(np.int32))
+      rows = _skewed_codes(20 + step, 40, l)
+      tables = _update(tables, ids, rows, jax.random.key(step), insertion=insertion,
+                       backend=backend)
+      _check_consistent(tables)
+    results[backend] = tables
+  np.testing.assert_array_equal(np.asarray(results["host"].counts),
+                                np.asarray(results["jax"].counts))
+  if insertion == "fifo":      # the FIFO update is deterministic: both backends agree exactly
+    np.testing.assert_array_equal(np.asarray(results["host"].buckets),
+                                  np.asarray(results["jax"].buckets))
+
+
+def test_host_build_under_vmap_and_jit():
+  codes = jnp.stack([_skewed_codes(6, 100, 2), _skewed_codes(7, 100, 2)])
+  keys = jax.random.split(jax.random.key(0), 2)
+  build = jax.jit(jax.vmap(lambda c, k: lsh.build_tables(
+      c, range_bits=RANGE_BITS, bucket_capacity=4, insertion="fifo", key=k, backend="host")))
+  batched = build(codes, keys)
+  for i in range(2):
+    single = _build(codes[i], keys[i], capacity=4, insertion="fifo", backend="jax")
+    np.testing.assert_array_equal(np.asarray(batched.buckets[i]), np.asarray(single.buckets))
+  update = jax.vmap(lambda t, k: lsh.update_tables(
+      t, jnp.array([0, 1], jnp.int32), jnp.zeros((2, 2), jnp.int32), key=k, backend="host"))
+  updated = update(batched, keys)
+  assert updated.buckets.shape == batched.buckets.shape
+  _check_consistent(jax.tree.map(lambda a: a[1], updated))
+
+
+def test_stats_and_errors():
+  codes = jnp.zeros((10, 2), jnp.int32)       # identical weights: one bucket per table
+  tables = lsh.build_tables(codes, range_bits=2, bucket_capacity=4, backend="host")
+  stats = {k: float(v) for k, v in lsh.table_stats(tables).items()}
+  assert stats["stored"] == 8 and stats["overflow"] == 12 and stats["empty_buckets"] == 0.75
+  np.testing.assert_array_equal(np.asarray(tables.buckets[0, 0]), [6, 7, 8, 9])  # last 4
+  with pytest.raises(ValueError, match="insertion"):
+    lsh.build_tables(codes, range_bits=2, bucket_capacity=4, insertion="lru")
+  with pytest.raises(ValueError, match="backend"):
+    lsh.build_tables(codes, range_bits=2, bucket_capacity=4, backend="gpu")
+  assert lsh.resolve_backend(None) == "host"       # tests run on CPU
