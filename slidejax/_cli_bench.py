@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
   p.add_argument("--k", type=int, default=None)
   p.add_argument("--builder", choices=("host", "jax"), default=None)
   p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--no-dense", action="store_true",
+                 help="time the sparse modes alone (their own peak RSS; no speed-up ratio)")
   p.add_argument("--time-to-accuracy", action="store_true")
   p.add_argument("--preset", default="mid", help="synthetic preset for --time-to-accuracy")
   p.add_argument("--train", help="training file (XC format) for --time-to-accuracy")
@@ -107,10 +109,12 @@ def run(args) -> int:
     else:
       from slidejax.bench import steps
       result = steps.run(_scenario(args), modes=_modes(args.modes), hash_name=args.hash,
-                         l=args.l, k=args.k, repeats=args.repeats, backend=args.builder)
+                         l=args.l, k=args.k, repeats=args.repeats, backend=args.builder,
+                         with_dense=not args.no_dense)
       print(f"best sparse {result['sparse_step_ms']:.1f} ms vs dense "
             f"{result['dense_step_ms']:.1f} ms: {result['speedup']:.1f}x; "
-            f"peak RSS {result['peak_rss_mb']:.0f} MB")
+            f"peak RSS {result['peak_rss_mb']:.0f} MB (parameters + Adam state "
+            f"{result['params_and_adam_mb']:.0f} MB)")
   except ValueError as err:
     print(f"slidejax bench: error: {err}", file=sys.stderr)
     return 2

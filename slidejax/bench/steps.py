@@ -147,13 +147,17 @@ def _breakdown(runner: _Runner, s: Scenario, repeats: int = 5) -> dict:
 
 def run(s: Scenario, *, modes=(("shared", 2048), ("shared", 8192), ("per_sample", 1024)),
         hash_name: str = "simhash", l: int = 50, k: int | None = None, repeats: int = 10,
-        backend: str | None = None, rebuild_every: float = 0.0, log=print) -> dict[str, Any]:
-  """Times dense vs sparse steps for scenario ``s``; returns the result dictionary."""
+        backend: str | None = None, with_dense: bool = True, log=print) -> dict[str, Any]:
+  """Times dense vs sparse steps for scenario ``s``; returns the result dictionary.
+
+  ``with_dense=False`` times the sparse modes alone (to read their own peak RSS).
+  """
   batches = random_batches(s, 8)
   log(f"[{s.name}] {s.features} features, {s.labels} labels, hidden {s.hidden}, "
       f"batch {s.batch_size}; backend {jax.default_backend()}")
-  runners = [_dense_runner(s, batches)]
-  log(f"  dense compiled in {runners[0].compile_seconds:.1f} s")
+  runners = [_dense_runner(s, batches)] if with_dense else []
+  if with_dense:
+    log(f"  dense compiled in {runners[0].compile_seconds:.1f} s")
   for mode, m in modes:
     if m > s.labels:
       continue
@@ -166,9 +170,9 @@ def run(s: Scenario, *, modes=(("shared", 2048), ("shared", 8192), ("per_sample"
   for _ in range(repeats):
     for r in runners:
       r.times.append(r.step_once())
-  dense_ms = 1e3 * statistics.median(runners[0].times)
+  dense_ms = 1e3 * statistics.median(runners[0].times) if with_dense else float("nan")
   per_mode = {}
-  for r in runners[1:]:
+  for r in runners[int(with_dense):]:
     ms = 1e3 * statistics.median(r.times)
     parts = _breakdown(r, s)
     per_mode[r.name] = {"step_ms": ms, "speedup": dense_ms / ms,
@@ -177,11 +181,14 @@ def run(s: Scenario, *, modes=(("shared", 2048), ("shared", 8192), ("per_sample"
     log(f"  {r.name:>18}: {ms:8.1f} ms/step  {dense_ms / ms:6.1f}x dense  "
         f"query {parts['query_ms']:.1f} ms  rebuild {parts['rebuild_seconds']:.2f} s")
   log(f"  {'dense':>18}: {dense_ms:8.1f} ms/step")
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(runners[-1].model, nnx.Param)))
   best = min(per_mode.values(), key=lambda e: e["step_ms"]) if per_mode else None
   return {"scenario": dataclasses.asdict(s), "backend": jax.default_backend(),
           "dense_step_ms": dense_ms,
           "dense_samples_per_second": s.batch_size / (dense_ms / 1e3),
-          "dense_compile_seconds": runners[0].compile_seconds,
+          "dense_compile_seconds": runners[0].compile_seconds if with_dense else None,
+          "parameters": int(params),
+          "params_and_adam_mb": 3 * 4 * params / 2**20,
           "sparse_step_ms": None if best is None else best["step_ms"],
           "speedup": None if best is None else best["speedup"],
           "modes": per_mode, "peak_rss_mb": peak_rss_mb()}

@@ -1,0 +1,39 @@
+"""Benchmark plumbing on tiny shapes (the real numbers come from `slidejax bench`)."""
+import json
+
+from slidejax.bench import steps
+from slidejax.bench import time_to_accuracy as tta
+from slidejax.cli import main as cli_main
+
+TINY = steps.Scenario("tiny", features=500, labels=400, hidden=16, batch_size=16, nnz=8,
+                      labels_per_point=2, max_features=8, max_labels=4)
+
+
+def test_step_benchmark_reports_every_mode():
+  result = steps.run(TINY, modes=(("shared", 64), ("per_sample", 16)), l=4, repeats=2,
+                     log=lambda m: None)
+  assert set(result["modes"]) == {"shared:64", "per_sample:16"}
+  for entry in result["modes"].values():
+    assert entry["step_ms"] > 0 and entry["query_ms"] > 0 and entry["rebuild_seconds"] > 0
+    assert entry["speedup"] == result["dense_step_ms"] / entry["step_ms"]
+  assert result["sparse_step_ms"] == min(e["step_ms"] for e in result["modes"].values())
+  assert result["peak_rss_mb"] > 0
+
+
+def test_time_to_reach():
+  history = [{"seconds": 1.0, "p@1": 0.1}, {"seconds": 2.0, "p@1": 0.5},
+             {"seconds": 3.0, "p@1": 0.4}]
+  assert tta.time_to_reach(history, 0.45) == 2.0
+  assert tta.time_to_reach(history, 0.9) is None
+
+
+def test_bench_cli_custom(tmp_path):
+  out = tmp_path / "b.json"
+  code = cli_main(["bench", "custom", "--features", "300", "--labels", "200", "--hidden", "8",
+                   "--batch-size", "8", "--nnz", "4", "--modes", "shared:32", "--l", "2",
+                   "--repeats", "1", "--json", str(out)])
+  assert code == 0
+  result = json.loads(out.read_text())
+  assert {"dense_step_ms", "sparse_step_ms", "speedup", "peak_rss_mb", "modes"} <= set(result)
+  assert cli_main(["bench", "nonsense"]) == 2
+  assert cli_main(["bench", "small", "--modes", "sideways:3"]) == 2
