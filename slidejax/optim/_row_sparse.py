@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from slidejax.nn._functional import unique_with_inverse
+
 
 class RowSparseState(NamedTuple):
   """State of :func:`row_sparse`: the inner transformation's state over all rows."""
@@ -59,8 +61,7 @@ def sum_duplicate_rows(row_ids: jax.Array, row_grads: Any, num_rows: int
   """
   row_ids = jnp.where((row_ids >= 0) & (row_ids < num_rows), row_ids, num_rows).astype(jnp.int32)
   size = row_ids.shape[0]
-  unique_ids, inverse = jnp.unique(row_ids, size=size, fill_value=num_rows, return_inverse=True)
-  inverse = inverse.reshape(-1)
+  unique_ids, inverse = unique_with_inverse(row_ids, size, num_rows)
   summed = jax.tree.map(
       lambda g: jax.ops.segment_sum(g, inverse, num_segments=size), row_grads)
   is_pad = unique_ids >= num_rows
