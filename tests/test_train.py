@@ -158,6 +158,15 @@ def test_fit_learns_and_reports(tmp_path):
   assert result["history"][0]["step"] == 20
   chance = 1.0 / trn.num_labels
   assert result["p@1"] > 20 * chance, result["p@1"]
+  # The returned model is an ordinary module again: any batch size, exact and LSH inference.
+  model = result["model"]
+  batch = xcdata.pad_rows(tst, np.arange(37), max_features=32, max_labels=4)
+  _, exact_ids = model.top_k(batch.feature_ids, batch.feature_values, 5)
+  _, lsh_ids = model.top_k(batch.feature_ids, batch.feature_values, 5, exact=False)
+  assert exact_ids.shape == lsh_ids.shape == (37, 5)
+  assert np.all((np.asarray(lsh_ids) >= 0) & (np.asarray(lsh_ids) < trn.num_labels))
+  hits = lambda ids: np.mean([ids[i, 0] in batch.label_ids[i] for i in range(37)])
+  assert hits(np.asarray(lsh_ids)) > 10 * chance
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

@@ -56,7 +56,11 @@ def _rebuild_program(family, bucket_capacity: int, insertion: str, backend: str 
   """One jitted table build per static configuration: ``(hash_params, kernel, key) -> tables``."""
 
   def rebuild(hash_params, kernel, key):
-    codes = lsh.neuron_codes(family, hash_params, kernel)
+    # lax.map keeps one chunk of projections alive at a time (unrolled chunks let XLA hold
+    # them all: +2 GB at 670K neurons) and was as fast for SimHash; WTA-style codes are
+    # much slower under lax.map on CPU, so they keep explicit chunks.
+    loop = "map" if family.name in ("simhash", "minhash") else "unrolled"
+    codes = lsh.neuron_codes(family, hash_params, kernel, loop=loop)
     return lsh.build_tables(codes, range_bits=family.range_bits, bucket_capacity=bucket_capacity,
                             insertion=insertion, key=key, backend=backend)
 

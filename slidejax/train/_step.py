@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from slidejax import optim
+from slidejax.nn import ActiveIds
 from slidejax.nn import RowDelta
 from slidejax.nn import RowParam
 from slidejax.nn import SlideDense
@@ -194,9 +195,13 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
   jitted_rebuild = jax.jit(rebuild, static_argnums=(2,), donate_argnums=(0,) if donate else ())
 
   def write_back(state: SparseTrainState) -> None:
-    """Copies the trained parameters and tables back into ``model``."""
+    """Copies the trained parameters and tables back into ``model`` and detaches the row
+    perturbations from it, so ``model`` is again an ordinary module (any batch size).
+    The trainer itself keeps working: it holds its own graph."""
+    detach_row_deltas(model)
     nnx.update(model, _to_state(rows_abstract, state.row_params),
-               _to_state(dense_abstract, state.dense_params), state.other)
+               _to_state(dense_abstract, state.dense_params),
+               nnx.filter_state(state.other, nnx.Not(ActiveIds)))
 
   return SparseTrainer(init=init, step=jitted, rebuild=jitted_rebuild, write_back=write_back,
                        graphdef=graphdef)
