@@ -14,5 +14,6 @@ from hostops._select import select_per_sample
 from hostops._select import select_shared
 from hostops._select import warmup_lsh_kernels
 from hostops._tables import build_tables
+from hostops._tables import update_rows
 from hostops._tables import update_tables
 

@@ -173,6 +173,99 @@ def update_tables(buckets, counts, neuron_codes, ids, new_codes, reservoir, seed
   return buckets, counts, codes_out
 
 
+@nb.njit(cache=True)
+def _kept_ids(ids, num_neurons, is_updated):
+  """First occurrence of each valid id, in increasing id order.
+
+  Returns (``keep int64[r']`` their positions in ``ids``, ``first int64[r]`` the position
+  whose row each position uses); marks the kept ids in ``is_updated bool[num_neurons]``.
+  """
+  order = np.argsort(ids, kind="mergesort")
+  keep = np.empty(ids.shape[0], np.int64)
+  first = np.arange(ids.shape[0])
+  r = 0
+  for q in range(order.shape[0]):
+    j = order[q]
+    i = ids[j]
+    if not 0 <= i < num_neurons:
+      continue
+    if not is_updated[i]:
+      is_updated[i] = True
+      keep[r] = j
+      r += 1
+    first[j] = keep[r - 1]
+  return keep[:r], first
+
+
+@nb.njit(cache=True)
+def _update_rows_table(rows, counts, old_rows_t, new_rows_t, ids, keep, is_updated,
+                       compacted, size, reservoir, seed):
+  """One table: the edit of :func:`_update_table` on gathered rows.
+
+  ``old_rows_t``/``new_rows_t`` int64[r] index the table's rows of ``rows int32[T, capacity]``
+  (and ``counts``, ``compacted``, ``size`` ``[T]``) holding each position's old/new bucket.
+  """
+  capacity = rows.shape[1]
+  for q in range(keep.shape[0]):
+    counts[old_rows_t[keep[q]]] -= 1
+  for q in range(2 * keep.shape[0]):
+    k = old_rows_t[keep[q]] if q < keep.shape[0] else new_rows_t[keep[q - keep.shape[0]]]
+    if not compacted[k]:
+      compacted[k] = True
+      size[k] = _compact_without(rows[k], is_updated)
+  for q in range(keep.shape[0]):
+    k = new_rows_t[keep[q]]
+    c = counts[k]           # neurons in the bucket before this one
+    counts[k] = c + 1
+    s = size[k]
+    if s < capacity:
+      rows[k, s] = ids[keep[q]]
+      size[k] = s + 1
+    elif reservoir:
+      slot = random_below(seed, q, c + 1)
+      if slot < capacity:
+        rows[k, slot] = ids[keep[q]]
+    else:  # FIFO: evict the oldest (first) entry
+      for p in range(capacity - 1):
+        rows[k, p] = rows[k, p + 1]
+      rows[k, capacity - 1] = ids[keep[q]]
+
+
+@nb.njit(cache=True, parallel=True)
+def update_rows(rows, counts, old_rows, new_rows, ids, new_codes, num_neurons, reservoir,
+                seeds):
+  """Incremental update on gathered bucket rows; returns fresh (rows, counts, codes).
+
+  Gives, on the rows it is given, the result of :func:`update_tables` on whole tables.
+
+  Args:
+    rows: int32[T, capacity] bucket rows; counts: int32[T] their counts. Rows of different
+      tables are distinct.
+    old_rows, new_rows: int32[r, l] the row of each id's current / new bucket per table.
+    ids: int32[r] neuron ids (``< 0`` or ``>= num_neurons`` = padding, any order; a repeated
+      id uses its first row). new_codes: int32[r, l]; seeds: uint64[l].
+  Returns:
+    rows, counts, and ``codes int32[r, l]``: the code each position's id now has (the row of
+    its first occurrence; undefined for padding).
+  """
+  num_tables = seeds.shape[0]
+  rows = rows.copy()
+  counts = counts.copy()
+  is_updated = np.zeros(max(num_neurons, 1), np.bool_)
+  keep, first = _kept_ids(ids, num_neurons, is_updated)
+  codes = np.empty_like(new_codes)
+  for j in range(ids.shape[0]):
+    codes[j] = new_codes[first[j]]
+  old_ln = np.ascontiguousarray(old_rows.T).astype(np.int64)
+  new_ln = np.ascontiguousarray(new_rows.T).astype(np.int64)
+  compacted = np.zeros(rows.shape[0], np.bool_)
+  size = np.zeros(rows.shape[0], np.int64)
+  for t in nb.prange(num_tables):
+    _update_rows_table(rows, counts, old_ln[t], new_ln[t], ids, keep, is_updated, compacted,
+                       size, reservoir, seeds[t])
+  return rows, counts, codes
+
+
 def warmup() -> None:
   """Compiles the table kernels on tiny inputs (cached on disk by Numba)."""
   codes = np.zeros((2, 3), np.int32)
@@ -181,3 +274,6 @@ def warmup() -> None:
     b, c = build_tables(codes, 4, 2, reservoir, seeds)
     update_tables(b, c, np.ascontiguousarray(codes.T), np.array([1], np.int32),
                   np.ones((1, 2), np.int32), reservoir, seeds)
+    update_rows(b.reshape(8, 2), c.reshape(8), np.array([[1, 5]], np.int32),
+                np.array([[2, 6]], np.int32), np.array([1], np.int32),
+                np.ones((1, 2), np.int32), 3, reservoir, seeds)

@@ -39,7 +39,8 @@ def add_parser(subparsers) -> None:
                  help="evaluate P@k on --eval-points test rows every N steps (0: at the end)")
   p.add_argument("--eval-points", type=int, default=2000)
   p.add_argument("--rebuild-first", type=int, default=50)
-  p.add_argument("--rebuild-growth", type=float, default=1.25)
+  p.add_argument("--rebuild-growth", type=float, default=2.0,
+                 help="rebuild interval growth factor (default: %(default)s)")
   p.add_argument("--rebuild-max-interval", type=int, default=2000)
   p.add_argument("--redraw-every", type=int, default=0, help="new hash functions every n-th rebuild")
   p.add_argument("--max-features", type=int, default=None)

@@ -155,6 +155,54 @@ def test_update_with_overflow_never_stale(insertion):
                                   np.asarray(results["jax"].buckets))
 
 
+@functools.partial(jax.jit, static_argnames=("reservoir",))
+def _update_whole_tables(tables, ids, codes, key, *, reservoir):
+  """The previous host update (whole tables through the callback): the reference."""
+  from slidejax.lsh import _host  # pylint: disable=import-outside-toplevel
+  return lsh.LSHTables(*_host.update_tables(tables.buckets, tables.counts, tables.neuron_codes,
+                                            ids, codes, reservoir=reservoir, key=key))
+
+
+def _random_update(rng, codes, r, num_buckets):
+  """ids int32 [r] with padding, repeats and unchanged codes; rows int32 [r, l] (skewed)."""
+  n, l = codes.shape
+  ids = rng.integers(-2, n + 2, size=r).astype(np.int32)      # out of range = padding
+  if r > 2:
+    ids[1] = ids[0]                                           # a repeated id
+  rows = np.minimum(rng.geometric(0.3, size=(r, l)) - 1, num_buckets - 1).astype(np.int32)
+  same = (rng.random(r) < 0.3) & (ids >= 0) & (ids < n)
+  rows[same] = codes[ids[same]]                               # new code == old code
+  rows[same, 0] = (rows[same, 0] + 1) % num_buckets           # ... in all tables but one
+  return jnp.asarray(ids), jnp.asarray(rows)
+
+
+@pytest.mark.parametrize("insertion", ["fifo", "reservoir"])
+@pytest.mark.parametrize("range_bits,capacity", [(4, 3), (7, 1), (7, 4), (8, 16)])
+def test_host_row_update_equals_whole_table_update(insertion, range_bits, capacity):
+  n, l = 500, 4
+  num_buckets = 1 << range_bits
+  rng = np.random.default_rng(range_bits * 100 + capacity)
+  codes = np.minimum(rng.geometric(0.15, size=(n, l)) - 1, num_buckets - 1).astype(np.int32)
+  build = jax.jit(functools.partial(lsh.build_tables, range_bits=range_bits,
+                                    bucket_capacity=capacity, insertion=insertion,
+                                    backend="host"))
+  update = jax.jit(functools.partial(lsh.update_tables, insertion=insertion, backend="host"),
+                   donate_argnums=0)
+  tables = build(jnp.asarray(codes), key=jax.random.key(0))
+  reference = jax.tree.map(jnp.copy, tables)
+  assert float(lsh.table_stats(tables)["overflow"]) > 0
+  # r = 0, a few rows (touched rows gathered), 2r >= num_buckets (whole tables), all rows.
+  for step, r in enumerate([0, 1, 3, 9, 60, 2 * n]):
+    ids, rows = _random_update(rng, np.asarray(reference.neuron_codes), r, num_buckets)
+    key = jax.random.key(step)
+    reference = _update_whole_tables(reference, ids, rows, key,
+                                     reservoir=insertion == "reservoir")
+    tables = update(tables, ids, rows, key=key)
+    for got, want in zip(tables, reference):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    _check_consistent(tables)
+
+
 def test_host_build_under_vmap_and_jit():
   codes = jnp.stack([_skewed_codes(6, 100, 2), _skewed_codes(7, 100, 2)])
   keys = jax.random.split(jax.random.key(0), 2)

@@ -59,7 +59,10 @@ def build_tables(codes: jax.Array, *, num_buckets: int, capacity: int, reservoir
 def update_tables(buckets: jax.Array, counts: jax.Array, neuron_codes: jax.Array,
                   neuron_ids: jax.Array, new_codes: jax.Array, *, reservoir: bool,
                   key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Host incremental update; returns fresh (buckets, counts, neuron_codes)."""
+  """Host incremental update of whole tables; returns fresh (buckets, counts, neuron_codes).
+
+  Costs a copy of the whole state; :func:`update_rows` only moves the touched rows.
+  """
   ops = _hostops()
   words = _seed_words(key, (buckets.shape[0],))
 
@@ -74,6 +77,32 @@ def update_tables(buckets: jax.Array, counts: jax.Array, neuron_codes: jax.Array
   return jax.pure_callback(host, shapes, buckets, counts, neuron_codes,
                            neuron_ids.astype(jnp.int32), new_codes.astype(jnp.int32), words,
                            vmap_method=_VMAP_METHOD)
+
+
+def update_rows(rows: jax.Array, counts: jax.Array, old_rows: jax.Array, new_rows: jax.Array,
+                ids: jax.Array, new_codes: jax.Array, *, num_neurons: int, reservoir: bool,
+                key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Host incremental update of gathered bucket rows -> fresh (rows, counts, codes ``[r, l]``).
+
+  ``rows`` int32 ``[T, cap]``, ``counts`` ``[T]``: the touched buckets; ``old_rows``,
+  ``new_rows`` int32 ``[r, l]``: the row of each id's old / new bucket; ``ids`` int32 ``[r]``;
+  ``new_codes`` int32 ``[r, l]``. Only these arrays cross to the host (see
+  ``hostops.update_rows``).
+  """
+  ops = _hostops()
+  num_tables = new_codes.shape[1]
+  words = _seed_words(key, (num_tables,))
+
+  def host(rows, counts, old_rows, new_rows, ids, new_codes, words):
+    return ops.update_rows(np.asarray(rows), np.asarray(counts), np.asarray(old_rows),
+                           np.asarray(new_rows), np.asarray(ids), np.asarray(new_codes),
+                           num_neurons, reservoir, _seeds(words))
+
+  shapes = (jax.ShapeDtypeStruct(rows.shape, jnp.int32),
+            jax.ShapeDtypeStruct(counts.shape, jnp.int32),
+            jax.ShapeDtypeStruct(new_codes.shape, jnp.int32))
+  return jax.pure_callback(host, shapes, rows, counts, old_rows, new_rows, ids, new_codes,
+                           words, vmap_method=_VMAP_METHOD)
 
 
 def _bucket_rows(buckets: jax.Array, codes: jax.Array) -> jax.Array:

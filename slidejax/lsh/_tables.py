@@ -210,6 +210,90 @@ def _update_jax(tables, neuron_ids, new_codes, reservoir, key):
   return LSHTables(buckets, counts, codes)
 
 
+def _unique_by_sort(coords, sentinel):
+  """Sorted unique ``coords`` int32 ``[m]`` padded with ``sentinel``, and each one's index
+  in them: (keys ``[m]``, index ``[m]``). ``O(m log m)``."""
+  keys = jnp.sort(coords)
+  first = jnp.concatenate([jnp.ones((1,), bool), keys[1:] != keys[:-1]])
+  keys = jnp.sort(jnp.where(first, keys, sentinel))
+  return keys, jnp.searchsorted(keys, coords).astype(jnp.int32)
+
+
+def _unique_dense(coords, sentinel):
+  """:func:`_unique_by_sort` through a mark array over ``[0, sentinel]``: ``O(m + sentinel)``."""
+  mark = jnp.zeros((sentinel + 1,), jnp.int32).at[coords].set(1)
+  rank = jnp.cumsum(mark) - 1
+  slot = jnp.where(mark[:sentinel] > 0, rank[:sentinel], coords.shape[0])
+  keys = jnp.full(coords.shape, sentinel, jnp.int32).at[slot].set(
+      jnp.arange(sentinel, dtype=jnp.int32), mode="drop")
+  return keys, rank[coords]
+
+
+def _touched_rows(old_codes, new_codes, valid, num_buckets):
+  """The buckets an update edits, as rows of a gathered ``[T, capacity]`` block.
+
+  Args:
+    old_codes, new_codes: int32 ``[r, l]``; valid: bool ``[r]`` rows that are not padding.
+  Returns:
+    keys int32 ``[T = 2 r l]``: sorted unique ``table * num_buckets + bucket``, padded with
+    ``l * num_buckets``; old_rows, new_rows int32 ``[r, l]``: each code's index in keys.
+  """
+  r, num_tables = old_codes.shape
+  sentinel = num_tables * num_buckets
+  base = jnp.arange(num_tables, dtype=jnp.int32) * num_buckets
+  coords = jnp.concatenate([old_codes + base, new_codes + base])          # [2r, l]
+  coords = jnp.where(jnp.concatenate([valid, valid])[:, None], coords, sentinel).reshape(-1)
+  unique = _unique_by_sort if 8 * coords.shape[0] < sentinel else _unique_dense
+  keys, index = unique(coords, sentinel)
+  index = index.reshape(2 * r, num_tables)
+  return keys, index[:r], index[r:]
+
+
+# Gathering a padded ``2 r l``-row block costs more per row than passing whole tables, and
+# once it is this large a fraction of the tables nearly every bucket is touched anyway.
+_WHOLE_TABLES_FRACTION = 1.0
+
+
+def _whole_tables(r, num_buckets):
+  """Whether an update of ``r`` ids passes whole tables instead of gathered rows."""
+  return 2 * r >= _WHOLE_TABLES_FRACTION * num_buckets
+
+
+def _update_host(tables, neuron_ids, new_codes, reservoir, key):
+  """Host update of the touched bucket rows only, scattered back (in place when donated).
+
+  Gathers the ``T = 2 r l`` possibly touched rows (or, once ``2 r`` reaches ``num_buckets``
+  and nearly all are touched, passes whole tables), so the host traffic is
+  ``O(min(r l, l num_buckets) * capacity + r l)`` and never includes ``neuron_codes``.
+  """
+  n, num_tables = tables.neuron_codes.shape
+  num_buckets, capacity = tables.num_buckets, tables.bucket_capacity
+  total = num_tables * num_buckets
+  valid = (neuron_ids >= 0) & (neuron_ids < n)
+  old_codes = tables.neuron_codes[jnp.where(valid, neuron_ids, 0)]     # [r, l]
+  whole = _whole_tables(neuron_ids.shape[0], num_buckets)
+  if whole:                                         # row = table * num_buckets + bucket
+    base = jnp.arange(num_tables, dtype=jnp.int32) * num_buckets
+    old_rows, new_rows = old_codes + base, new_codes + base
+    rows, cnts = tables.buckets.reshape(total, capacity), tables.counts.reshape(total)
+  else:
+    keys, old_rows, new_rows = _touched_rows(old_codes, new_codes, valid, num_buckets)
+    t, b = keys // num_buckets, keys % num_buckets                 # padding: t = l
+    rows = tables.buckets[jnp.minimum(t, num_tables - 1), b]       # [T, capacity]
+    cnts = tables.counts[jnp.minimum(t, num_tables - 1), b]        # [T]
+  rows, cnts, codes = _host.update_rows(rows, cnts, old_rows, new_rows, neuron_ids, new_codes,
+                                        num_neurons=n, reservoir=reservoir, key=key)
+  if whole:
+    buckets, counts = rows.reshape(tables.buckets.shape), cnts.reshape(tables.counts.shape)
+  else:
+    buckets = tables.buckets.at[t, b].set(rows, mode="drop")
+    counts = tables.counts.at[t, b].set(cnts, mode="drop")
+  # Repeated ids get their first row from the host, so the scatter is deterministic.
+  neuron_codes = tables.neuron_codes.at[jnp.where(valid, neuron_ids, n)].set(codes,
+                                                                             mode="drop")
+  return LSHTables(buckets, counts, neuron_codes)
+
+
 def update_tables(tables: LSHTables, neuron_ids: jax.Array, new_codes: jax.Array, *,
                   key: jax.Array | None = None, insertion: str = "fifo",
                   backend: str | None = None) -> LSHTables:
@@ -218,11 +302,12 @@ def update_tables(tables: LSHTables, neuron_ids: jax.Array, new_codes: jax.Array
   Each neuron's old entries (found through ``tables.neuron_codes``) are removed, the buckets
   are compacted (order kept), and the neurons are appended in id order as the newest
   entries (FIFO evicts the oldest; reservoir keeps a random subset). Ids that are negative or
-  ``>= n`` are padding; a repeated id uses its first row. Host cost: a fixed copy of the
-  state (callback outputs are fresh arrays; ~0.4 s at 670K neurons x 50 tables) plus work
-  proportional to ``r * l`` and to the touched buckets (each rewritten once, ``capacity``
-  slots); when ``2 * r`` exceeds the buckets per table nearly every bucket is touched. The JAX
-  twin re-sorts every table (``O(num_buckets * capacity + r)`` per table).
+  ``>= n`` are padding; a repeated id uses its first row. Host cost: only the touched bucket
+  rows (``2 * r * l`` rows, deduplicated in XLA) and the ``r`` ids' codes cross to the host,
+  and the edited rows are scattered back (in place when the caller donates ``tables``):
+  ``O(r * l * capacity)`` plus a small dedupe. Once ``2 * r`` reaches the buckets per table
+  nearly every bucket is touched and whole tables (never ``neuron_codes``) are passed.
+  The JAX twin re-sorts every table (``O(num_buckets * capacity + r)`` per table).
 
   After an update, ``counts`` and ``neuron_codes`` equal those of a full rebuild, and every
   bucket whose count stays ``<= bucket_capacity`` holds the same ids as a full FIFO rebuild
@@ -234,10 +319,11 @@ def update_tables(tables: LSHTables, neuron_ids: jax.Array, new_codes: jax.Array
   new_codes = new_codes.astype(jnp.int32)
   key = _default_key(key)
   if resolve_backend(backend) == "host":
-    buckets, counts, codes = _host.update_tables(tables.buckets, tables.counts,
-                                                 tables.neuron_codes, neuron_ids, new_codes,
-                                                 reservoir=reservoir, key=key)
-    return LSHTables(buckets, counts, codes)
+    if tables.num_tables * tables.num_buckets >= 2**31 - 1:   # packed keys overflow int32
+      return LSHTables(*_host.update_tables(tables.buckets, tables.counts,
+                                            tables.neuron_codes, neuron_ids, new_codes,
+                                            reservoir=reservoir, key=key))
+    return _update_host(tables, neuron_ids, new_codes, reservoir, key)
   return _update_jax(tables, neuron_ids, new_codes, reservoir, key)
 
 

@@ -58,7 +58,7 @@ class TrainConfig:
   max_labels: int | None = None
   dense: bool = False
   rebuild_first: int = 50
-  rebuild_growth: float = 1.25
+  rebuild_growth: float = 2.0
   rebuild_max_interval: int = 2000
   redraw_every: int = 0
   builder: str | None = None

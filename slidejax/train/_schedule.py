@@ -11,7 +11,7 @@ class RehashSchedule(NamedTuple):
   ``redraw_every``: draw new hash functions at every n-th rebuild (0: never).
   """
   first: int = 50
-  growth: float = 1.25
+  growth: float = 2.0
   max_interval: int = 2000
   redraw_every: int = 0
 
