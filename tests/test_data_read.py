@@ -254,7 +254,7 @@ def test_subset_and_counts():
     xcdata.subset(data, [data.num_points])
 
 
-# Statistics stated in ../shared/data/*/SOURCE.md.
+# Statistics stated in ../shared/data/*/SOURCE.md (the shared_data fixture skips when absent).
 REAL_FILES = [
     ("bibtex/xc_format/bibtex_train.txt", 4880, 1836, 159, 2.380, 68.49, 0),
     ("bibtex/xc_format/bibtex_test.txt", 2515, 1836, 159, 2.444, 68.98, 0),

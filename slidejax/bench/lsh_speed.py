@@ -15,6 +15,7 @@ import statistics
 import time
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from slidejax import lsh
@@ -72,6 +73,27 @@ def _bench_updates(tables, codes, repeats, rows):
       rows.append((f"incremental update {percent}% ({r} rows), {backend}", ms))
 
 
+def _bench_updates_donated(tables, codes, repeats, rows):
+  """Host incremental updates as the training loop runs them: jitted, tables donated."""
+  import time
+  n = codes.shape[0]
+  codes = np.array(codes)  # the tables own (and donate) their own copy
+  fn = jax.jit(functools.partial(lsh.update_tables, backend="host"), donate_argnums=0)
+  for percent in (0.1, 1, 5, 10):
+    r = max(1, int(n * percent / 100))
+    ids = jax.random.permutation(jax.random.key(int(percent * 10)), n)[:r].astype(jnp.int32)
+    new_codes = jnp.roll(jnp.asarray(codes[np.asarray(ids)]), 1, axis=1)
+    tables = jax.block_until_ready(fn(tables, ids, new_codes, key=jax.random.key(1)))
+    times = []
+    for i in range(repeats):
+      t0 = time.perf_counter()
+      tables = jax.block_until_ready(fn(tables, ids, new_codes, key=jax.random.key(i)))
+      times.append(1e3 * (time.perf_counter() - t0))
+    rows.append((f"incremental update {percent}% ({r} rows), host, donated",
+                 sorted(times)[len(times) // 2]))
+  return tables
+
+
 def _bench_queries(fam, params, tables, n, batch, repeats, rows):
   h = jax.random.normal(jax.random.key(7), (batch, fam.dim), jnp.float32)
   labels = jax.random.randint(jax.random.key(8), (batch, 5), 0, n, jnp.int32)
@@ -102,12 +124,21 @@ def main(argv=None) -> dict:
   parser.add_argument("--capacity", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--json", default=None)
+  parser.add_argument("--updates-only", action="store_true",
+                      help="only the host incremental updates (SimHash tables, donated)")
   args = parser.parse_args(argv)
   n, rows = args.neurons, _Rows()
   range_bits = lsh.default_range_bits(n, args.capacity)
   lsh.warmup()
   weights = jax.random.normal(jax.random.key(0), (n, args.dim), jnp.float32)
   simhash = lsh.simhash(args.dim, k=range_bits, l=args.l)
+  if args.updates_only:
+    sh_params = simhash.init(jax.random.key(1))
+    codes = jax.jit(functools.partial(lsh.neuron_codes, simhash, loop="map"))(sh_params, weights)
+    tables = lsh.build_tables(codes, range_bits=range_bits, bucket_capacity=args.capacity,
+                              key=jax.random.key(3))
+    _bench_updates_donated(tables, codes, args.repeats, rows)
+    return _report(args, n, range_bits, rows)
   _bench_codes(simhash, simhash.init(jax.random.key(1)), weights, args.repeats, rows)
   main_tables, main_fam, main_params = None, None, None
   for k in (args.k, args.k + 1, args.k + 2):
@@ -125,6 +156,10 @@ def main(argv=None) -> dict:
                                                       for key, v in stats.items()), None))
   _bench_updates(main_tables, main_codes, args.repeats, rows)
   _bench_queries(main_fam, main_params, main_tables, n, args.batch, args.repeats * 2, rows)
+  return _report(args, n, range_bits, rows)
+
+
+def _report(args, n, range_bits, rows) -> dict:
   print(f"\nLSH engine, n={n}, dim={args.dim}, l={args.l}, batch={args.batch}, "
         f"range_bits={range_bits}, capacity={args.capacity}, backend={jax.default_backend()}")
   print("| measurement | ms |\n|---|---|")
