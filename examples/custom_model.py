@@ -18,7 +18,6 @@ from flax import nnx
 
 import slidejax
 from slidejax import data as xcdata
-from slidejax import metrics
 from slidejax import nn
 from slidejax import train
 

@@ -1,7 +1,6 @@
 """``slidejax train``: train a SLIDE (or dense) network on XC data or the synthetic default."""
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys

@@ -7,6 +7,7 @@ medians are reported with the speed-up ratios.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import resource
 import statistics
 import sys
@@ -14,14 +15,12 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from slidejax import nn
 from slidejax import train
-from slidejax import lsh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,22 +116,8 @@ def _breakdown(runner: _Runner, s: Scenario, repeats: int = 5) -> dict:
   batch = runner.batches[0]
   h = nnx.jit(lambda m, ids, vals: m.hidden(ids, vals))(model, batch.feature_ids,
                                                          batch.feature_values)
-  tables = out_layer.tables.get_value()
-  hp = out_layer.hash_params.get_value()
-  fam = out_layer.family
-
-  @jax.jit
-  def select(h, labels, key):
-    codes = fam.codes(hp, h)
-    if out_layer.mode == "shared":
-      return lsh.query_shared(tables, codes, num_active=out_layer.num_active,
-                              num_neurons=out_layer.out_features, key=key,
-                              policy=out_layer.policy, forced_ids=labels,
-                              backend=out_layer.backend)
-    return lsh.query(tables, codes, num_active=out_layer.num_active,
-                     num_neurons=out_layer.out_features, key=key, policy=out_layer.policy,
-                     forced_ids=labels, backend=out_layer.backend)
-
+  select = nnx.jit(lambda layer, h, labels, key: layer.select(h, labels=labels, key=key))
+  select = functools.partial(select, out_layer)
   _time(select, h, batch.label_ids, jax.random.key(0))
   query_ms = 1e3 * statistics.median(
       _time(select, h, batch.label_ids, jax.random.key(i)) for i in range(repeats))

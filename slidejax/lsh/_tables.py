@@ -168,7 +168,6 @@ def _update_table_jax(table, counts_t, old_codes_t, new_codes_t, ids_sorted, is_
                       priorities, reservoir):
   """One table: removes updated ids, re-inserts them with new codes (newest last)."""
   num_buckets, capacity = table.shape
-  r = ids_sorted.shape[0]
   num_neurons = is_updated.shape[0]
   real = ids_sorted < num_neurons
   stored = table.reshape(-1)

@@ -130,11 +130,6 @@ def softmax_cross_entropy(logits: jax.Array, label_slots: jax.Array,
   return jnp.sum(per_sample * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def dense_label_slots(label_ids: jax.Array) -> jax.Array:
-  """Label slots for full (all-neuron) logits: the label ids themselves, -1 kept."""
-  return label_ids
-
-
 def shared_label_slots(active_ids: jax.Array, label_ids: jax.Array) -> jax.Array:
   """Position of each label in a batch-shared active set, -1 where absent.
 

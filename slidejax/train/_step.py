@@ -255,8 +255,6 @@ def make_dense_trainer(model: nnx.Module, tx: optax.GradientTransformation, *,
 
 def make_predictor(trainer: SparseTrainer, model: nnx.Module, k: int, *, exact: bool = True):
   """A jitted ``(state, feature_ids, feature_values) -> top-k ids int32 [B, k]``."""
-  if trainer.graphdef is None:
-    raise ValueError("make_predictor: trainer has no graphdef")
   _, params0, _ = nnx.split(model, nnx.Param, ...)
   params_abstract = _abstract(params0)
   _, rows0, dense0, deltas0, _ = nnx.split(model, RowParam, nnx.Param, RowDelta, ...)
