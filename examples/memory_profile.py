@@ -1,6 +1,7 @@
 """Resident memory of a sparse training process at Amazon-670K shape, phase by phase.
 
-Usage: ``python examples/memory_profile.py`` (default malloc; about 3 GB at its peak).
+Usage: ``python examples/memory_profile.py`` (default malloc; prefix the CLI's malloc
+settings, see ``slidejax.cli.MALLOC_TUNING``, to measure those).
 Prints VmRSS (now) and VmHWM (peak so far) from /proc/self/status after each phase.
 """
 from __future__ import annotations
@@ -30,17 +31,19 @@ def main() -> None:
   print(f"{'model + tables':>22}: {rss()}   (parameters + Adam: {12 * params / 2**20:.0f} MB)")
   trainer = train.make_sparse_trainer(model, optax.adam(1e-4), optax.adam(1e-4),
                                       batch_size=s.batch_size, max_features=s.max_features)
+  step = train.compile_step(trainer, s.batch_size, s.max_features, batches[0].label_ids.shape[1])
+  print(f"{'step compiled':>22}: {rss()}")
   state = trainer.init()
   print(f"{'trainer init (Adam)':>22}: {rss()}")
   for i in range(10):
-    state, out = trainer.step(state, batches[i % 2], jax.random.key(i))
+    state, out = step(state, batches[i % 2], jax.random.key(i))
   out.loss.block_until_ready()
   print(f"{'10 steps':>22}: {rss()}")
   state = trainer.rebuild(state, jax.random.key(1))
   jax.block_until_ready(state.other)
   print(f"{'rebuild':>22}: {rss()}")
   for i in range(10):
-    state, out = trainer.step(state, batches[i % 2], jax.random.key(i))
+    state, out = step(state, batches[i % 2], jax.random.key(i))
   out.loss.block_until_ready()
   print(f"{'10 more steps':>22}: {rss()}")
 

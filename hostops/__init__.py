@@ -14,6 +14,8 @@ from hostops._select import select_per_sample
 from hostops._select import select_shared
 from hostops._select import warmup_lsh_kernels
 from hostops._tables import build_tables
+from hostops._tables import stream_fill
+from hostops._tables import stream_finish_fifo
 from hostops._tables import update_rows
 from hostops._tables import update_tables
 

@@ -78,6 +78,56 @@ def build_tables(codes_ln, num_buckets, capacity, reservoir, seeds):
   return buckets, counts
 
 
+@nb.njit(cache=True, parallel=True)
+def stream_fill(buckets, counts, codes_out, chunk_codes, first_id, skip, reservoir, seeds):
+  """Offers one chunk of neurons to tables being built in place (a streamed build).
+
+  Rows ``skip..c-1`` of ``chunk_codes int32[c, l]`` are the codes of neurons
+  ``first_id + skip ..``; ids must arrive in increasing order across calls. ``counts`` counts
+  the neurons offered so far. FIFO writes bucket ``b``'s ``k``-th id to slot
+  ``k % capacity`` (a ring, put in order by :func:`stream_finish_fifo`); reservoir draws
+  exactly as :func:`build_tables` does, so both give the same tables. Writes the codes to
+  ``codes_out[n, l]`` (any integer dtype; ``[n, 0]``: not kept).
+  """
+  c, num_tables = chunk_codes.shape
+  capacity = buckets.shape[2]
+  if codes_out.shape[1] == num_tables:
+    for j in nb.prange(skip, c):
+      for t in range(num_tables):
+        codes_out[first_id + j, t] = chunk_codes[j, t]
+  for t in nb.prange(num_tables):
+    table = buckets[t]
+    count = counts[t]
+    seed = seeds[t]
+    for j in range(skip, c):
+      i = first_id + j
+      b = chunk_codes[j, t]
+      seen = count[b]
+      count[b] = seen + 1
+      if seen < capacity:
+        table[b, seen] = i
+      elif reservoir:
+        slot = random_below(seed, i, seen + 1)
+        if slot < capacity:
+          table[b, slot] = i
+      else:
+        table[b, seen % capacity] = i
+
+
+@nb.njit(cache=True, parallel=True)
+def stream_finish_fifo(buckets, counts):
+  """Rotates each overflowed FIFO ring so its oldest id comes first (as :func:`build_tables`)."""
+  num_tables, num_buckets, capacity = buckets.shape
+  for t in nb.prange(num_tables):
+    ring = np.empty(capacity, np.int32)
+    for b in range(num_buckets):
+      shift = counts[t, b] % capacity
+      if counts[t, b] > capacity and shift:
+        ring[:] = buckets[t, b]
+        for s in range(capacity):
+          buckets[t, b, s] = ring[(s + shift) % capacity]
+
+
 @nb.njit(cache=True)
 def _compact_without(bucket, is_updated):
   """Removes updated ids from a bucket row, keeping order; returns the new size."""
@@ -272,6 +322,11 @@ def warmup() -> None:
   seeds = np.zeros(2, np.uint64)
   for reservoir in (False, True):
     b, c = build_tables(codes, 4, 2, reservoir, seeds)
+    for codes_out in (np.zeros((3, 2), np.uint16), np.zeros((3, 2), np.int32),
+                      np.zeros((3, 0), np.uint16), np.zeros((3, 0), np.int32)):
+      sb, sc = np.full_like(b, -1), np.zeros_like(c)
+      stream_fill(sb, sc, codes_out, np.ascontiguousarray(codes.T), 0, 0, reservoir, seeds)
+    stream_finish_fifo(sb, sc)
     update_tables(b, c, np.ascontiguousarray(codes.T), np.array([1], np.int32),
                   np.ones((1, 2), np.int32), reservoir, seeds)
     update_rows(b.reshape(8, 2), c.reshape(8), np.array([[1, 5]], np.int32),

@@ -230,3 +230,48 @@ def test_stats_and_errors():
   with pytest.raises(ValueError, match="backend"):
     lsh.build_tables(codes, range_bits=2, bucket_capacity=4, backend="gpu")
   assert lsh.resolve_backend(None) == "host"       # tests run on CPU
+
+
+@pytest.mark.parametrize("insertion", ["fifo", "reservoir"])
+@pytest.mark.parametrize("n,chunk_size", [(1000, 128), (1000, 1000), (1000, 4096), (257, 1)])
+def test_streamed_build_equals_full_build(insertion, n, chunk_size):
+  fam = lsh.simhash(24, k=5, l=6, range_bits=5)
+  params = fam.init(jax.random.key(0))
+  weights = jax.random.normal(jax.random.key(1), (n, 24))
+  key = jax.random.key(2)
+  full = lsh.build_tables(lsh.neuron_codes(fam, params, weights), range_bits=5,
+                          bucket_capacity=8, insertion=insertion, key=key, backend="host")
+  assert float(lsh.table_stats(full)["overflow"]) > 0       # FIFO rings wrap around
+  streamed = lsh.build_tables_streamed(fam, params, weights, bucket_capacity=8,
+                                       insertion=insertion, key=key, chunk_size=chunk_size)
+  for a, b in zip(full, streamed):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  lean = lsh.build_tables_streamed(fam, params, weights, bucket_capacity=8,
+                                   insertion=insertion, key=key, chunk_size=chunk_size,
+                                   keep_codes=False)
+  np.testing.assert_array_equal(np.asarray(lean.buckets), np.asarray(full.buckets))
+  assert lean.neuron_codes.shape == (n, 0) and lean.num_neurons == n
+
+
+def test_streamed_tables_are_ordinary_donatable_arrays():
+  fam = lsh.simhash(16, k=4, l=3, range_bits=4)
+  params = fam.init(jax.random.key(0))
+  weights = jax.random.normal(jax.random.key(1), (300, 16))
+  tables = lsh.build_tables_streamed(fam, params, weights, bucket_capacity=4, chunk_size=64)
+  expected = np.asarray(tables.buckets).copy()
+  passthrough = jax.jit(lambda t: t, donate_argnums=0)
+  moved = passthrough(tables)
+  np.testing.assert_array_equal(np.asarray(moved.buckets), expected)
+  with pytest.raises(TypeError, match="eagerly"):
+    jax.jit(lambda w: lsh.build_tables_streamed(fam, params, w, bucket_capacity=4))(weights)
+
+
+def test_codes_are_stored_compactly_and_updates_need_them():
+  assert lsh.codes_dtype(12) == jnp.uint16 and lsh.codes_dtype(17) == jnp.int32
+  codes = _skewed_codes(3, 40, 2)
+  tables = lsh.build_tables(codes, range_bits=RANGE_BITS, bucket_capacity=4)
+  assert tables.neuron_codes.dtype == jnp.uint16
+  lean = lsh.build_tables(codes, range_bits=RANGE_BITS, bucket_capacity=4, keep_codes=False)
+  with pytest.raises(ValueError, match="keep_codes"):
+    lsh.update_tables(lean, jnp.array([1], jnp.int32), jnp.zeros((1, 2), jnp.int32))

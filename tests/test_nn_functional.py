@@ -119,3 +119,19 @@ def test_unique_with_inverse(strict_promotion):
   unique, inverse = nn.unique_with_inverse(jnp.array([5, 1, 9, 1, 7], jnp.int32), 2, 99)
   np.testing.assert_array_equal(unique, [1, 5])
   np.testing.assert_array_equal(inverse, [1, 0, 2, 0, 2])
+
+
+def test_row_chunked_init_fills_every_row_with_the_right_distribution(strict_promotion):
+  from flax import nnx
+  rows, width, chunk = 2600, 64, 1000       # three blocks, the last overlapping the second
+  init = nn.row_chunked(nnx.initializers.normal(stddev=0.5), chunk_rows=chunk)
+  w = np.asarray(init(jax.random.key(0), (rows, width)))
+  assert w.shape == (rows, width) and w.dtype == np.float32
+  assert np.all(np.abs(w).sum(axis=1) > 0)                 # no row left at zero
+  assert abs(w.std() - 0.5) < 0.01 and abs(w.mean()) < 0.01
+  assert not np.allclose(w[:chunk], w[chunk:2 * chunk])    # blocks draw different keys
+  # lecun_rows: the distribution nnx.initializers.lecun_normal() gives the whole shape.
+  ref = np.asarray(nnx.initializers.lecun_normal()(jax.random.key(1), (rows, width)))
+  ours = np.asarray(nn.lecun_rows(rows, chunk_rows=chunk)(jax.random.key(1), (rows, width)))
+  assert abs(ours.std() / ref.std() - 1) < 0.02
+  assert abs(np.abs(ours).max() / np.abs(ref).max() - 1) < 0.05   # same truncation

@@ -311,3 +311,16 @@ def test_pure_jax_builder_trains_without_host_callbacks():
   host_hlo = host_trainer.step.lower(host_trainer.init(), _batch(trn, np.arange(64)),
                                      jax.random.key(0)).as_text()
   assert "callback" in host_hlo.lower()
+
+
+def test_deferred_loss_checks_report_the_first_nan_step():
+  trn, tst = _tiny_data(points=2000)
+  cfg = train.TrainConfig(hidden=8, l=2, num_active=16, batch_size=64, epochs=2, lr=1e30,
+                          rebuild_first=1000)
+  steps = []
+  for every in (1, 0):            # checkpoint_every=1 reads each loss; 0 reads them in groups
+    with pytest.raises(train.TrainingDiverged) as info:
+      train.fit(dataclasses.replace(cfg, checkpoint_every=every), trn, tst,
+                checkpoint_dir=None, progress=False)
+    steps.append(int(str(info.value).split()[1].rstrip(":")))
+  assert steps[0] == steps[1] < train._loop.LOSS_CHECK_STEPS

@@ -18,10 +18,12 @@ from slidejax.lsh._query import ActiveSet
 from slidejax.lsh._query import SharedActiveSet
 from slidejax.lsh._query import query
 from slidejax.lsh._query import query_shared
+from slidejax.lsh._stream import build_tables_streamed
 from slidejax.lsh._tables import BACKENDS
 from slidejax.lsh._tables import INSERTIONS
 from slidejax.lsh._tables import LSHTables
 from slidejax.lsh._tables import build_tables
+from slidejax.lsh._tables import codes_dtype
 from slidejax.lsh._tables import resolve_backend
 from slidejax.lsh._tables import table_stats
 from slidejax.lsh._tables import update_tables

@@ -1,5 +1,8 @@
 """Every ``jax.pure_callback`` of slidejax: JAX wrappers of the Numba kernels in ``hostops``.
 
+(Plus the eager calls of the streamed table build, which runs outside jit: see
+:func:`slidejax.lsh.build_tables_streamed`.)
+
 Each wrapper draws its randomness from a JAX key (as uint32 words, turned into uint64 seeds
 on the host), works inside jit, and under vmap runs the kernel once per mapped element
 (``vmap_method="sequential"``). The Numba kernels are compiled (or loaded from Numba's disk
@@ -7,6 +10,7 @@ cache) at trace time, by :func:`warmup`, so compilation never lands inside a tim
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import jax
@@ -56,6 +60,51 @@ def build_tables(codes: jax.Array, *, num_buckets: int, capacity: int, reservoir
   return jax.pure_callback(host, shapes, codes_ln, words, vmap_method=_VMAP_METHOD)
 
 
+# Initial values of the streamed build's (buckets, counts, neuron codes).
+STREAM_FILLS = (-1, 0, 0)
+
+
+def stream_shapes(num_neurons: int, num_tables: int, num_buckets: int, capacity: int,
+                  codes_dtype, keep_codes: bool) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """Shapes of a streamed build's (buckets, counts, neuron codes)."""
+  return (jax.ShapeDtypeStruct((num_tables, num_buckets, capacity), np.int32),
+          jax.ShapeDtypeStruct((num_tables, num_buckets), np.int32),
+          jax.ShapeDtypeStruct((num_neurons, num_tables if keep_codes else 0), codes_dtype))
+
+
+def writable_view(array: jax.Array) -> np.ndarray:
+  """A writable NumPy view of a fresh, unshared CPU ``array``'s buffer (row-major).
+
+  ``np.asarray`` gives read-only views; the streamed build owns the arrays it creates and
+  fills them in place through this view before anyone else sees them.
+  """
+  array.block_until_ready()
+  dtype = np.dtype(array.dtype)
+  if array.size == 0:
+    return np.empty(array.shape, dtype)
+  raw = (ctypes.c_byte * (array.size * dtype.itemsize)).from_address(
+      array.unsafe_buffer_pointer())
+  return np.frombuffer(raw, dtype).reshape(array.shape)
+
+
+def stream_seeds(key: jax.Array, num_tables: int) -> np.ndarray:
+  """The per-table seeds :func:`build_tables` draws from ``key`` (so both builds agree)."""
+  return _seeds(_seed_words(key, (num_tables,)))
+
+
+def stream_fill(buffers, chunk_codes: np.ndarray, first_id: int, skip: int, reservoir: bool,
+                seeds: np.ndarray) -> None:
+  """Offers one chunk of codes int32 ``[c, l]`` (neurons ``first_id + skip ..``) in place."""
+  buckets, counts, codes = buffers
+  _hostops().stream_fill(buckets, counts, codes, chunk_codes, first_id, skip, reservoir, seeds)
+
+
+def stream_finish(buffers, reservoir: bool) -> None:
+  """Puts FIFO buckets in oldest-first order once every neuron has been offered."""
+  if not reservoir:
+    _hostops().stream_finish_fifo(buffers[0], buffers[1])
+
+
 def update_tables(buckets: jax.Array, counts: jax.Array, neuron_codes: jax.Array,
                   neuron_ids: jax.Array, new_codes: jax.Array, *, reservoir: bool,
                   key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -74,9 +123,11 @@ def update_tables(buckets: jax.Array, counts: jax.Array, neuron_codes: jax.Array
   shapes = (jax.ShapeDtypeStruct(buckets.shape, jnp.int32),
             jax.ShapeDtypeStruct(counts.shape, jnp.int32),
             jax.ShapeDtypeStruct(neuron_codes.shape, jnp.int32))
-  return jax.pure_callback(host, shapes, buckets, counts, neuron_codes,
-                           neuron_ids.astype(jnp.int32), new_codes.astype(jnp.int32), words,
-                           vmap_method=_VMAP_METHOD)
+  buckets, counts, codes = jax.pure_callback(
+      host, shapes, buckets, counts, neuron_codes.astype(jnp.int32),
+      neuron_ids.astype(jnp.int32), new_codes.astype(jnp.int32), words,
+      vmap_method=_VMAP_METHOD)
+  return buckets, counts, codes.astype(neuron_codes.dtype)
 
 
 def update_rows(rows: jax.Array, counts: jax.Array, old_rows: jax.Array, new_rows: jax.Array,

@@ -29,7 +29,8 @@ class LSHTables(NamedTuple):
   Attributes:
     buckets: int32 ``[l, 2**range_bits, bucket_capacity]`` neuron ids, -1 = empty slot.
     counts: int32 ``[l, 2**range_bits]`` neurons hashed to each bucket (stored or not).
-    neuron_codes: int32 ``[n, l]`` the code each neuron is currently inserted with.
+    neuron_codes: ``[n, l]`` the code each neuron is currently inserted with, stored as
+      :func:`codes_dtype` (uint16 up to 2**16 buckets: half the memory of int32).
   """
   buckets: jax.Array
   counts: jax.Array
@@ -50,6 +51,15 @@ class LSHTables(NamedTuple):
   @property
   def num_neurons(self) -> int:
     return self.neuron_codes.shape[0]
+
+
+def codes_dtype(range_bits: int):
+  """Storage dtype of ``neuron_codes`` for ``2**range_bits`` buckets: uint16 or int32."""
+  return jnp.uint16 if range_bits <= 16 else jnp.int32
+
+
+def _stored_codes(codes: jax.Array, num_buckets: int) -> jax.Array:
+  return codes.astype(codes_dtype(max(0, (num_buckets - 1).bit_length())))
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -129,8 +139,11 @@ def _build_jax(codes, num_buckets, capacity, reservoir, key):
 
 def build_tables(codes: jax.Array, *, range_bits: int, bucket_capacity: int,
                  insertion: str = "fifo", key: jax.Array | None = None,
-                 backend: str | None = None) -> LSHTables:
+                 backend: str | None = None, keep_codes: bool = True) -> LSHTables:
   """Builds the tables of all neurons from their codes int32 ``[n, l]``.
+
+  ``keep_codes=False`` stores ``neuron_codes`` as an empty ``[n, 0]`` array (saves
+  ``2 n l`` bytes; only :func:`update_tables` needs the codes).
 
   ``key`` drives reservoir insertion (FIFO is deterministic). ``backend``: ``host`` (Numba
   via a host callback), ``jax`` (sort-based), ``None`` (host on CPU, jax elsewhere). Works
@@ -148,7 +161,8 @@ def build_tables(codes: jax.Array, *, range_bits: int, bucket_capacity: int,
                                          key=key)
   else:
     buckets, counts = _build_jax(codes, num_buckets, bucket_capacity, reservoir, key)
-  return LSHTables(buckets, counts, codes)
+  stored = _stored_codes(codes if keep_codes else codes[:, :0], num_buckets)
+  return LSHTables(buckets, counts, stored)
 
 
 # -- incremental update ------------------------------------------------------------------------
@@ -196,7 +210,7 @@ def _update_jax(tables, neuron_ids, new_codes, reservoir, key):
   ids_sorted, source = _dedupe_ids(neuron_ids, n)
   real = ids_sorted < n
   new_sorted = new_codes[source]                                     # [r, l]
-  old_sorted = tables.neuron_codes[jnp.minimum(ids_sorted, n - 1)]   # [r, l]
+  old_sorted = tables.neuron_codes[jnp.minimum(ids_sorted, n - 1)].astype(jnp.int32)
   is_updated = jnp.zeros((n,), bool).at[ids_sorted].set(True, mode="drop")
   entries = tables.buckets.shape[1] * tables.buckets.shape[2] + ids_sorted.shape[0]
   priorities = jax.random.bits(key, (tables.num_tables, entries), jnp.uint32)
@@ -205,7 +219,8 @@ def _update_jax(tables, neuron_ids, new_codes, reservoir, key):
                                                    reservoir))
   buckets, counts = update(tables.buckets, tables.counts, old_sorted.T, new_sorted.T,
                            priorities)
-  codes = tables.neuron_codes.at[jnp.where(real, ids_sorted, n)].set(new_sorted, mode="drop")
+  codes = tables.neuron_codes.at[jnp.where(real, ids_sorted, n)].set(
+      new_sorted.astype(tables.neuron_codes.dtype), mode="drop")
   return LSHTables(buckets, counts, codes)
 
 
@@ -269,7 +284,7 @@ def _update_host(tables, neuron_ids, new_codes, reservoir, key):
   num_buckets, capacity = tables.num_buckets, tables.bucket_capacity
   total = num_tables * num_buckets
   valid = (neuron_ids >= 0) & (neuron_ids < n)
-  old_codes = tables.neuron_codes[jnp.where(valid, neuron_ids, 0)]     # [r, l]
+  old_codes = tables.neuron_codes[jnp.where(valid, neuron_ids, 0)].astype(jnp.int32)  # [r, l]
   whole = _whole_tables(neuron_ids.shape[0], num_buckets)
   if whole:                                         # row = table * num_buckets + bucket
     base = jnp.arange(num_tables, dtype=jnp.int32) * num_buckets
@@ -288,8 +303,8 @@ def _update_host(tables, neuron_ids, new_codes, reservoir, key):
     buckets = tables.buckets.at[t, b].set(rows, mode="drop")
     counts = tables.counts.at[t, b].set(cnts, mode="drop")
   # Repeated ids get their first row from the host, so the scatter is deterministic.
-  neuron_codes = tables.neuron_codes.at[jnp.where(valid, neuron_ids, n)].set(codes,
-                                                                             mode="drop")
+  neuron_codes = tables.neuron_codes.at[jnp.where(valid, neuron_ids, n)].set(
+      codes.astype(tables.neuron_codes.dtype), mode="drop")
   return LSHTables(buckets, counts, neuron_codes)
 
 
@@ -314,6 +329,10 @@ def update_tables(tables: LSHTables, neuron_ids: jax.Array, new_codes: jax.Array
   brought back by removals.
   """
   reservoir = _check_insertion(insertion)
+  if tables.neuron_codes.shape[1] != tables.num_tables:
+    raise ValueError("update_tables needs each neuron's current codes, but these tables were "
+                     "built without them (keep_codes=False; SlideDense(track_codes=True) "
+                     "keeps them)")
   neuron_ids = neuron_ids.astype(jnp.int32)
   new_codes = new_codes.astype(jnp.int32)
   key = _default_key(key)

@@ -11,6 +11,8 @@ from slidejax.nn._functional import softmax_cross_entropy
 from slidejax.nn._functional import target_distribution
 from slidejax.nn._functional import top_k_chunked
 from slidejax.nn._functional import unique_with_inverse
+from slidejax.nn._init import lecun_rows
+from slidejax.nn._init import row_chunked
 from slidejax.nn._models import DenseMLP
 from slidejax.nn._models import SlideMLP
 from slidejax.nn._models import dense_softmax_loss

@@ -7,6 +7,7 @@ from flax import nnx
 
 from slidejax.nn._functional import softmax_cross_entropy
 from slidejax.nn._functional import top_k_chunked
+from slidejax.nn._init import lecun_rows
 from slidejax.nn._slide_dense import SlideDense
 from slidejax.nn._slide_dense import SlideOutput
 from slidejax.nn._sparse_input import SparseInput
@@ -66,7 +67,7 @@ class DenseMLP(nnx.Module):
     self.num_features = num_features
     self.num_labels = num_labels
     self.embed = SparseInput(num_features, hidden, rngs=rngs)
-    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (num_labels, hidden)))
+    self.kernel = nnx.Param(lecun_rows(num_labels)(rngs.params(), (num_labels, hidden)))
     self.bias = nnx.Param(jnp.zeros((num_labels,), jnp.float32))
 
   def hidden(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:

@@ -10,6 +10,7 @@ from flax import nnx
 
 from slidejax import lsh
 from slidejax.nn import _functional as F
+from slidejax.nn._init import lecun_rows
 from slidejax.nn._variables import ActiveIds
 from slidejax.nn._variables import HashParams
 from slidejax.nn._variables import HashTables
@@ -52,7 +53,8 @@ def _make_family(name: str, dim: int, k: int, l: int, range_bits: int | None, bi
 
 
 @functools.lru_cache(maxsize=None)
-def _rebuild_program(family, bucket_capacity: int, insertion: str, backend: str | None):
+def _rebuild_program(family, bucket_capacity: int, insertion: str, backend: str | None,
+                     keep_codes: bool):
   """One jitted table build per static configuration: ``(hash_params, kernel, key) -> tables``."""
 
   def rebuild(hash_params, kernel, key):
@@ -62,7 +64,8 @@ def _rebuild_program(family, bucket_capacity: int, insertion: str, backend: str 
     loop = "map" if family.name in ("simhash", "minhash") else "unrolled"
     codes = lsh.neuron_codes(family, hash_params, kernel, loop=loop)
     return lsh.build_tables(codes, range_bits=family.range_bits, bucket_capacity=bucket_capacity,
-                            insertion=insertion, key=key, backend=backend)
+                            insertion=insertion, key=key, backend=backend,
+                            keep_codes=keep_codes)
 
   return jax.jit(rebuild)
 
@@ -90,6 +93,8 @@ class SlideDense(nnx.Module):
     mode: ``shared`` (one active set per batch: a dense matrix product), ``per_sample`` or
       ``dense`` (every neuron: the exact reference).
     insertion: ``fifo`` | ``reservoir`` bucket insertion.
+    track_codes: keep every neuron's codes in the tables (``[out_features, l]`` uint16), which
+      :func:`slidejax.lsh.update_tables` needs for incremental updates; full rebuilds do not.
     backend: where tables are built and queried: ``host`` (Numba through a host callback),
       ``jax`` (pure JAX), ``None`` (host on CPU, jax on accelerators).
   """
@@ -99,7 +104,8 @@ class SlideDense(nnx.Module):
                range_bits: int | None = None, bucket_capacity: int = 128,
                num_active: int = 2048, policy: str = "vanilla", threshold: int = 2,
                mode: str = "shared", insertion: str = "fifo", backend: str | None = None,
-               kernel_init: nnx.Initializer | None = None, dtype=jnp.float32,
+               track_codes: bool = False, kernel_init: nnx.Initializer | None = None,
+               dtype=jnp.float32,
                rngs: nnx.Rngs):
     if in_features <= 0 or out_features <= 0:
       raise ValueError(f"SlideDense: sizes must be positive, got {in_features}, {out_features}")
@@ -125,8 +131,9 @@ class SlideDense(nnx.Module):
     self.bucket_capacity = bucket_capacity
     self.insertion = insertion
     self.backend = backend
+    self.track_codes = track_codes
     self.family = _make_family(hash, in_features, k, l, range_bits, bin_size)
-    init = kernel_init or nnx.initializers.lecun_normal()
+    init = kernel_init or lecun_rows(out_features)   # lecun_normal, drawn in row blocks
     self.kernel = RowParam(init(rngs.params(), (out_features, in_features), dtype))
     self.bias = RowParam(jnp.zeros((out_features,), dtype))
     self.hash_params = HashParams(self.family.init(rngs.params()))
@@ -137,8 +144,16 @@ class SlideDense(nnx.Module):
 
   # -- tables -------------------------------------------------------------------------------
   def _build(self, key: jax.Array) -> lsh.LSHTables:
-    program = _rebuild_program(self.family, self.bucket_capacity, self.insertion, self.backend)
-    return program(self.hash_params.get_value(), self.kernel[...], key)
+    kernel = self.kernel[...]
+    if (lsh.resolve_backend(self.backend) == "host"
+        and not isinstance(kernel, jax.core.Tracer)):   # eager: stream, bounded memory
+      return lsh.build_tables_streamed(self.family, self.hash_params.get_value(), kernel,
+                                       bucket_capacity=self.bucket_capacity,
+                                       insertion=self.insertion, key=key,
+                                       keep_codes=self.track_codes)
+    program = _rebuild_program(self.family, self.bucket_capacity, self.insertion, self.backend,
+                               self.track_codes)
+    return program(self.hash_params.get_value(), kernel, key)
 
   def rebuild(self, key: jax.Array, *, redraw: bool = False) -> None:
     """Rebuilds the tables from the current weights; ``redraw`` draws new hash functions."""

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slidejax.nn import _functional as F
+from slidejax.nn._init import row_chunked
 from slidejax.nn._variables import ActiveIds
 from slidejax.nn._variables import RowDelta
 from slidejax.nn._variables import RowParam
@@ -27,7 +28,8 @@ class SparseInput(nnx.Module):
       raise ValueError(f"SparseInput: sizes must be positive, got {num_features}, {features_out}")
     self.num_features = num_features
     self.features_out = features_out
-    init = kernel_init or nnx.initializers.normal(stddev=1.0 / (features_out ** 0.5) * 0.1)
+    init = kernel_init or row_chunked(
+        nnx.initializers.normal(stddev=1.0 / (features_out ** 0.5) * 0.1))
     self.kernel = RowParam(init(rngs.params(), (num_features, features_out), dtype))
     self.bias = nnx.Param(jnp.zeros((features_out,), dtype))
     self.kernel_delta = nnx.data(None)

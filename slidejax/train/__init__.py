@@ -8,6 +8,7 @@ from slidejax.train._loop import TrainBatch
 from slidejax.train._loop import TrainConfig
 from slidejax.train._loop import TrainingDiverged
 from slidejax.train._loop import TrainingError
+from slidejax.train._loop import compile_step
 from slidejax.train._loop import evaluate_model
 from slidejax.train._loop import fit
 from slidejax.train._loop import validate

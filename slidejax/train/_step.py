@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from slidejax import optim
+from slidejax._memory import release_free_memory
 from slidejax.nn import ActiveIds
 from slidejax.nn import RowDelta
 from slidejax.nn import RowParam
@@ -130,6 +131,7 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
                  for path, layer in layers}
 
   def init() -> SparseTrainState:
+    release_free_memory()   # what building the model left behind, before Adam's moments
     _, rows, dense, _, other = nnx.split(model, RowParam, nnx.Param, RowDelta, ...)
     rows_pure = nnx.to_pure_dict(rows)
     dense_pure = nnx.to_pure_dict(dense)
@@ -180,7 +182,12 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
   jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
 
   def rebuild(state: SparseTrainState, key, redraw: bool = False) -> SparseTrainState:
-    """Rebuilds every SlideDense layer's tables from the current weights."""
+    """Rebuilds every SlideDense layer's tables from the current weights.
+
+    Runs eagerly: on the host backend each layer's build streams (see
+    :func:`slidejax.lsh.build_tables_streamed`). With ``donate`` the old tables are freed
+    before the new ones are built, as a donated argument would be: ``state`` is consumed.
+    """
     m = nnx.merge(graphdef, _to_state(rows_abstract, state.row_params),
                   _to_state(dense_abstract, state.dense_params),
                   _to_state(deltas_abstract, jax.tree.map(
@@ -188,11 +195,14 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
                   state.other)
     for i, (_, layer) in enumerate(sparse_layers(m)):
       if isinstance(layer, SlideDense) and layer.mode != "dense":
+        if donate:
+          for array in layer.tables.get_value():
+            array.delete()
         layer.rebuild(jax.random.fold_in(key, i), redraw=redraw)
     *_, other = nnx.split(m, RowParam, nnx.Param, RowDelta, ...)
+    jax.block_until_ready(other)
+    release_free_memory()
     return state._replace(other=other)
-
-  jitted_rebuild = jax.jit(rebuild, static_argnums=(2,), donate_argnums=(0,) if donate else ())
 
   def write_back(state: SparseTrainState) -> None:
     """Copies the trained parameters and tables back into ``model`` and detaches the row
@@ -203,7 +213,7 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
                _to_state(dense_abstract, state.dense_params),
                nnx.filter_state(state.other, nnx.Not(ActiveIds)))
 
-  return SparseTrainer(init=init, step=jitted, rebuild=jitted_rebuild, write_back=write_back,
+  return SparseTrainer(init=init, step=jitted, rebuild=rebuild, write_back=write_back,
                        graphdef=graphdef)
 
 
