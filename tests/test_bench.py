@@ -1,6 +1,8 @@
 """Benchmark plumbing on tiny shapes (the real numbers come from `slidejax bench`)."""
 import json
 
+import pytest
+
 from slidejax.bench import steps
 from slidejax.bench import time_to_accuracy as tta
 from slidejax.cli import main as cli_main
@@ -15,6 +17,10 @@ def test_step_benchmark_reports_every_mode():
   assert set(result["modes"]) == {"shared:64", "per_sample:16"}
   for entry in result["modes"].values():
     assert entry["step_ms"] > 0 and entry["query_ms"] > 0 and entry["rebuild_seconds"] > 0
+    assert entry["gradients_ms"] > 0      # (parts are separate programs: at this size noise)
+    assert entry["layer_ms"] + entry["query_ms"] == pytest.approx(entry["gradients_ms"])
+    assert entry["optimizer_ms"] + entry["gradients_ms"] == pytest.approx(entry["step_ms"])
+    assert 0 < entry["rebuild_amortized_ms"] < 1e3 * entry["rebuild_seconds"]
     assert entry["speedup"] == result["dense_step_ms"] / entry["step_ms"]
   assert result["sparse_step_ms"] == min(e["step_ms"] for e in result["modes"].values())
   assert result["peak_rss_mb"] > 0

@@ -100,3 +100,20 @@ def test_jit_with_donation_keeps_shapes():
 def test_rejects_mismatched_rows():
   with pytest.raises(ValueError, match="leading"):
     optim.row_sparse(optax.adam(1e-3)).init({"a": jnp.ones((3, 2)), "b": jnp.ones((4,))})
+
+
+@pytest.mark.parametrize("num_rows", [50, 100_000])     # mark-array path, sort path
+def test_sum_duplicate_rows_matches_numpy_on_both_paths(num_rows):
+  rng = np.random.default_rng(num_rows)
+  ids = rng.integers(-3, min(num_rows, 40) + 3, size=300).astype(np.int32)
+  grads = rng.normal(size=(300, 4)).astype(np.float32)
+  uids, summed = jax.jit(lambda i, g: optim.sum_duplicate_rows(i, g, num_rows))(
+      jnp.asarray(ids), jnp.asarray(grads))
+  uids, summed = np.asarray(uids), np.asarray(summed)
+  valid = (ids >= 0) & (ids < num_rows)
+  expected = {int(i): grads[valid & (ids == i)].sum(axis=0) for i in np.unique(ids[valid])}
+  assert list(uids[:len(expected)]) == sorted(expected)          # sorted unique ids first
+  assert np.all(uids[len(expected):] == num_rows)                 # then padding
+  for row, i in enumerate(uids[:len(expected)]):
+    np.testing.assert_allclose(summed[row], expected[int(i)], rtol=1e-5, atol=1e-6)
+  assert np.all(summed[len(expected):] == 0)

@@ -45,6 +45,10 @@ SCENARIOS = {
 }
 
 
+# Rebuild cost per step is amortized over this many steps of the default schedule.
+AMORTIZE_STEPS = 5000
+
+
 def random_batches(s: Scenario, count: int, seed: int = 0) -> list[train.TrainBatch]:
   """``count`` fixed-shape batches with Zipf-distributed labels and features."""
   rng = np.random.default_rng(seed)
@@ -116,18 +120,29 @@ def _breakdown(runner: _Runner, s: Scenario, repeats: int = 5) -> dict:
   batch = runner.batches[0]
   h = nnx.jit(lambda m, ids, vals: m.hidden(ids, vals))(model, batch.feature_ids,
                                                          batch.feature_values)
-  select = nnx.jit(lambda layer, h, labels, key: layer.select(h, labels=labels, key=key))
-  select = functools.partial(select, out_layer)
+  # jax.jit over the split state: nnx.jit of the layer hands its whole state (kernel
+  # included) back out of the program on every call, which costs more than the query.
+  graphdef, layer_state = nnx.split(out_layer)
+  select = jax.jit(lambda st, h, labels, key: nnx.merge(graphdef, st).select(
+      h, labels=labels, key=key))
+  select = functools.partial(select, layer_state)
   _time(select, h, batch.label_ids, jax.random.key(0))
   query_ms = 1e3 * statistics.median(
       _time(select, h, batch.label_ids, jax.random.key(i)) for i in range(repeats))
+  grads = runner.trainer.gradients
+  _time(grads, runner.state, batch, jax.random.key(0))
+  grads_ms = 1e3 * statistics.median(
+      _time(grads, runner.state, runner.batches[i % len(runner.batches)], jax.random.key(i))
+      for i in range(repeats))
   rebuild_key = jax.random.key(1)
   for _ in range(2):  # the first call compiles; the second is timed
     r0 = time.perf_counter()
     runner.state = runner.trainer.rebuild(runner.state, rebuild_key)
     jax.block_until_ready(runner.state.other)
     rebuild_s = time.perf_counter() - r0
-  return {"query_ms": query_ms, "rebuild_seconds": rebuild_s}
+  rebuilds = len(train.TrainConfig().schedule().rebuild_steps(AMORTIZE_STEPS))
+  return {"query_ms": query_ms, "gradients_ms": grads_ms, "rebuild_seconds": rebuild_s,
+          "rebuild_amortized_ms": 1e3 * rebuild_s * rebuilds / AMORTIZE_STEPS}
 
 
 def run(s: Scenario, *, modes=(("shared", 2048), ("shared", 8192), ("per_sample", 1024)),
@@ -160,11 +175,15 @@ def run(s: Scenario, *, modes=(("shared", 2048), ("shared", 8192), ("per_sample"
   for r in runners[int(with_dense):]:
     ms = 1e3 * statistics.median(r.times)
     parts = _breakdown(r, s)
+    parts["layer_ms"] = parts["gradients_ms"] - parts["query_ms"]
+    parts["optimizer_ms"] = ms - parts["gradients_ms"]
     per_mode[r.name] = {"step_ms": ms, "speedup": dense_ms / ms,
                         "samples_per_second": s.batch_size / (ms / 1e3),
                         "compile_seconds": r.compile_seconds, **parts}
     log(f"  {r.name:>18}: {ms:8.1f} ms/step  {dense_ms / ms:6.1f}x dense  "
-        f"query {parts['query_ms']:.1f} ms  rebuild {parts['rebuild_seconds']:.2f} s")
+        f"(hash+query {parts['query_ms']:.1f}, layers {parts['layer_ms']:.1f}, "
+        f"optimizer {parts['optimizer_ms']:.1f}, rebuild {parts['rebuild_seconds']:.2f} s = "
+        f"{parts['rebuild_amortized_ms']:.1f} ms/step amortized)")
   log(f"  {'dense':>18}: {dense_ms:8.1f} ms/step")
   params = sum(x.size for x in jax.tree.leaves(nnx.state(runners[-1].model, nnx.Param)))
   best = min(per_mode.values(), key=lambda e: e["step_ms"]) if per_mode else None

@@ -95,12 +95,15 @@ def _to_state(abstract_state, pure: dict):
 
 class SparseTrainer(NamedTuple):
   """``init()`` -> state; ``step(state, batch, key)`` -> (state, StepMetrics);
-  ``rebuild(state, key, redraw)`` -> state; ``write_back(state)`` updates the model."""
+  ``rebuild(state, key, redraw)`` -> state; ``write_back(state)`` updates the model;
+  ``gradients(state, batch, key)`` -> (loss, grads): the step without its optimizer update
+  (jitted, not donating; for profiling)."""
   init: Callable[[], SparseTrainState]
   step: Callable[..., tuple[SparseTrainState, StepMetrics]]
   rebuild: Callable[..., SparseTrainState]
   write_back: Callable[[SparseTrainState], None]
   graphdef: Any
+  gradients: Callable[..., tuple[jax.Array, Any]] | None = None
 
 
 def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformation,
@@ -140,7 +143,8 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
     return SparseTrainState(rows_pure, dense_pure, other, dense_tx.init(dense_pure), row_opt,
                             jnp.zeros((), jnp.int32))
 
-  def step(state: SparseTrainState, batch, key):
+  def gradients(state: SparseTrainState, batch, key):
+    """The step's forward and backward pass: (loss, new other, dropped, dense and row grads)."""
     rows_state = _to_state(rows_abstract, state.row_params)
     weight = (batch.rows >= 0).astype(jnp.float32)
 
@@ -157,6 +161,10 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
                                nnx.to_pure_dict(deltas_abstract))
     (loss, (new_other, dropped)), (dense_grads, delta_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state.dense_params, zero_deltas)
+    return loss, new_other, dropped, dense_grads, delta_grads
+
+  def step(state: SparseTrainState, batch, key):
+    loss, new_other, dropped, dense_grads, delta_grads = gradients(state, batch, key)
     dense_updates, dense_opt_state = dense_tx.update(dense_grads, state.dense_opt_state,
                                                      state.dense_params)
     dense_params = optax.apply_updates(state.dense_params, dense_updates)
@@ -213,8 +221,12 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
                _to_state(dense_abstract, state.dense_params),
                nnx.filter_state(state.other, nnx.Not(ActiveIds)))
 
+  def loss_and_grads(state: SparseTrainState, batch, key):
+    loss, _, _, dense_grads, delta_grads = gradients(state, batch, key)
+    return loss, (dense_grads, delta_grads)
+
   return SparseTrainer(init=init, step=jitted, rebuild=rebuild, write_back=write_back,
-                       graphdef=graphdef)
+                       graphdef=graphdef, gradients=jax.jit(loss_and_grads))
 
 
 class DenseTrainState(NamedTuple):
