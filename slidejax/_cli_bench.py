@@ -31,6 +31,9 @@ def add_parser(subparsers) -> None:
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--no-dense", action="store_true",
                  help="time the sparse modes alone (their own peak RSS; no speed-up ratio)")
+  p.add_argument("--label-scaling", type=int, metavar="LABELS",
+                 help="time the sparse modes at the scenario's labels and at LABELS, "
+                      "alternating in one process, and report the ratio")
   p.add_argument("--time-to-accuracy", action="store_true")
   p.add_argument("--preset", default="mid", help="synthetic preset for --time-to-accuracy")
   p.add_argument("--train", help="training file (XC format) for --time-to-accuracy")
@@ -106,6 +109,16 @@ def run(args) -> int:
   try:
     if args.time_to_accuracy:
       result = _time_to_accuracy(args)
+    elif args.label_scaling:
+      from slidejax.bench import steps
+      scenario = _scenario(args)
+      if not 0 < args.label_scaling < scenario.labels:
+        raise ValueError(f"--label-scaling must be between 1 and {scenario.labels - 1}")
+      result = steps.run_label_scaling(scenario, args.label_scaling, modes=_modes(args.modes),
+                                       hash_name=args.hash, l=args.l, k=args.k,
+                                       repeats=args.repeats, backend=args.builder)
+      print(f"largest step-time ratio {result['max_ratio']:.2f} "
+            f"({scenario.labels} vs {args.label_scaling} labels)")
     else:
       from slidejax.bench import steps
       result = steps.run(_scenario(args), modes=_modes(args.modes), hash_name=args.hash,

@@ -43,3 +43,17 @@ def test_bench_cli_custom(tmp_path):
   assert {"dense_step_ms", "sparse_step_ms", "speedup", "peak_rss_mb", "modes"} <= set(result)
   assert cli_main(["bench", "nonsense"]) == 2
   assert cli_main(["bench", "small", "--modes", "sideways:3"]) == 2
+
+
+def test_label_scaling_reports_ratios(tmp_path):
+  out = tmp_path / "s.json"
+  code = cli_main(["bench", "custom", "--features", "300", "--labels", "400", "--hidden", "8",
+                   "--batch-size", "8", "--nnz", "4", "--modes", "shared:32,per_sample:8",
+                   "--l", "2", "--repeats", "1", "--label-scaling", "100", "--json", str(out)])
+  assert code == 0
+  result = json.loads(out.read_text())
+  assert result["small_labels"] == 100 and set(result["modes"]) == {"shared:32", "per_sample:8"}
+  for entry in result["modes"].values():
+    assert entry["ratio"] == pytest.approx(entry["step_ms"] / entry["small_step_ms"])
+  assert result["max_ratio"] == max(e["ratio"] for e in result["modes"].values())
+  assert cli_main(["bench", "small", "--label-scaling", "10000000"]) == 2

@@ -198,5 +198,47 @@ def run(s: Scenario, *, modes=(("shared", 2048), ("shared", 8192), ("per_sample"
           "modes": per_mode, "peak_rss_mb": peak_rss_mb()}
 
 
+def run_label_scaling(s: Scenario, small_labels: int, *,
+                      modes=(("shared", 2048), ("shared", 8192), ("per_sample", 1024)),
+                      hash_name: str = "simhash", l: int = 50, k: int | None = None,
+                      repeats: int = 10, backend: str | None = None, log=print) -> dict:
+  """Sparse step time at ``s.labels`` and at ``small_labels``, alternating in one process.
+
+  The same batches (labels folded into the smaller range) and modes; reports each mode's
+  median at both sizes and their ratio (nothing O(labels) per step means a ratio near 1).
+  """
+  small = dataclasses.replace(s, name=f"{s.name}@{small_labels}", labels=small_labels)
+  batches = random_batches(s, 8)
+  small_batches = [b._replace(label_ids=np.where(b.label_ids >= 0, b.label_ids % small_labels,
+                                                 -1).astype(np.int32)) for b in batches]
+  pairs = []
+  for mode, m in modes:
+    if m > small_labels:
+      continue
+    pair = [_sparse_runner(scen, bs, mode=mode, num_active=m, hash_name=hash_name, l=l, k=k,
+                           backend=backend)
+            for scen, bs in ((s, batches), (small, small_batches))]
+    pairs.append((f"{mode}:{m}", pair))
+    log(f"  {mode}:{m} compiled ({pair[0].compile_seconds:.1f} / {pair[1].compile_seconds:.1f} s)")
+  for _ in range(2):
+    for _, pair in pairs:
+      for r in pair:
+        r.step_once()
+  for _ in range(repeats):
+    for _, pair in pairs:
+      for r in pair:
+        r.times.append(r.step_once())
+  per_mode = {}
+  for name, (big_r, small_r) in pairs:
+    big_ms, small_ms = (1e3 * statistics.median(r.times) for r in (big_r, small_r))
+    per_mode[name] = {"step_ms": big_ms, "small_step_ms": small_ms, "ratio": big_ms / small_ms}
+    log(f"  {name:>18}: {big_ms:6.1f} ms at {s.labels} labels, {small_ms:6.1f} ms at "
+        f"{small_labels}: ratio {big_ms / small_ms:.2f}")
+  return {"scenario": dataclasses.asdict(s), "small_labels": small_labels,
+          "backend": jax.default_backend(), "modes": per_mode,
+          "max_ratio": max((e["ratio"] for e in per_mode.values()), default=None),
+          "peak_rss_mb": peak_rss_mb()}
+
+
 if __name__ == "__main__":
   print(run(SCENARIOS[sys.argv[1] if len(sys.argv) > 1 else "small"]))

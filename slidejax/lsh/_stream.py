@@ -41,7 +41,7 @@ def _chunk_codes_program(family: HashFamily, chunk_size: int):
 def build_tables_streamed(family: HashFamily, params: Any, weights: jax.Array, *,
                           bucket_capacity: int, insertion: str = "fifo",
                           key: jax.Array | None = None, keep_codes: bool = True,
-                          chunk_size: int = 8192) -> LSHTables:
+                          chunk_size: int = 16384) -> LSHTables:
   """Tables of the rows of ``weights`` float ``[n, dim]``, built on the host chunk by chunk.
 
   Peak extra memory: the new tables once (plus, off CPU, one host array at a time on its way
