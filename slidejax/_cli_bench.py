@@ -109,7 +109,7 @@ def run(args) -> int:
   try:
     if args.time_to_accuracy:
       result = _time_to_accuracy(args)
-    elif args.label_scaling:
+    elif args.label_scaling is not None:
       from slidejax.bench import steps
       scenario = _scenario(args)
       if not 0 < args.label_scaling < scenario.labels:

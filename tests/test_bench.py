@@ -57,3 +57,5 @@ def test_label_scaling_reports_ratios(tmp_path):
     assert entry["ratio"] == pytest.approx(entry["step_ms"] / entry["small_step_ms"])
   assert result["max_ratio"] == max(e["ratio"] for e in result["modes"].values())
   assert cli_main(["bench", "small", "--label-scaling", "10000000"]) == 2
+  assert cli_main(["bench", "custom", "--features", "300", "--labels", "400", "--modes",
+                   "shared:32", "--label-scaling", "10"]) == 2     # no mode fits 10 labels

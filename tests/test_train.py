@@ -324,3 +324,22 @@ def test_deferred_loss_checks_report_the_first_nan_step():
                 checkpoint_dir=None, progress=False)
     steps.append(int(str(info.value).split()[1].rstrip(":")))
   assert steps[0] == steps[1] < train._loop.LOSS_CHECK_STEPS
+
+
+def test_rebuild_eager_streams_the_same_tables_as_jitted_rebuild():
+  trn, _ = _tiny_data()
+  model = nn.SlideMLP(trn.num_features, trn.num_labels, hidden=8, l=3, num_active=32,
+                      rngs=nnx.Rngs(0))
+  trainer = train.make_sparse_trainer(model, optax.adam(1e-2), optax.adam(1e-2), batch_size=8,
+                                      max_features=16)
+  state = trainer.init()
+  for i in range(3):      # move the weights away from the ones the tables were built from
+    state, _ = trainer.step(state, _batch(trn, np.arange(8 * i, 8 * i + 8)), jax.random.key(i))
+  key = jax.random.key(7)
+  traced = jax.jit(trainer.rebuild, static_argnums=2)(jax.tree.map(jnp.copy, state), key, False)
+  old_buckets = state.other["output"]["tables"].get_value().buckets
+  eager = trainer.rebuild(state, key)               # streams; frees the old tables (donate)
+  assert old_buckets.is_deleted()
+  for a, b in zip(traced.other["output"]["tables"].get_value(),
+                  eager.other["output"]["tables"].get_value()):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

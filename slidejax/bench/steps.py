@@ -228,6 +228,8 @@ def run_label_scaling(s: Scenario, small_labels: int, *,
     for _, pair in pairs:
       for r in pair:
         r.times.append(r.step_once())
+  if not pairs:
+    raise ValueError(f"no mode fits {small_labels} labels (each num_active must be at most that)")
   per_mode = {}
   for name, (big_r, small_r) in pairs:
     big_ms, small_ms = (1e3 * statistics.median(r.times) for r in (big_r, small_r))

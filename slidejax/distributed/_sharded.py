@@ -662,12 +662,14 @@ def estimate_bytes_per_device(num_labels: int, hidden: int, num_shards: int, *,
                               l: int = 50, range_bits: int | None = None,
                               bucket_capacity: int = 128) -> dict[str, int]:
   """Expected output-layer bytes per device (float32 kernel, bias, two Adam moments, int32
-  tables ``[l, 2**range_bits, capacity]`` + counts + neuron codes ``[Ns, l]``)."""
+  tables ``[l, 2**range_bits, capacity]`` + counts + neuron codes ``[Ns, l]`` stored as
+  :func:`slidejax.lsh.codes_dtype`)."""
   rows = -(-num_labels // num_shards)
   if range_bits is None:
     range_bits = lsh.default_range_bits(rows, bucket_capacity)
   kernel = rows * (hidden + 1) * 4
-  tables = l * (2 ** range_bits) * (bucket_capacity + 1) * 4 + rows * l * 4
+  code_bytes = np.dtype(lsh.codes_dtype(range_bits)).itemsize
+  tables = l * (2 ** range_bits) * (bucket_capacity + 1) * 4 + rows * l * code_bytes
   return {"rows_per_shard": rows, "range_bits": int(range_bits), "kernel": kernel,
           "optimizer": 2 * kernel, "tables": tables, "total": 3 * kernel + tables}
 

@@ -44,8 +44,9 @@ def build_tables_streamed(family: HashFamily, params: Any, weights: jax.Array, *
                           chunk_size: int = 16384) -> LSHTables:
   """Tables of the rows of ``weights`` float ``[n, dim]``, built on the host chunk by chunk.
 
-  Peak extra memory: the new tables once (plus, off CPU, one host array at a time on its way
-  to the device) and one chunk's projections; never all codes in int32. Call it
+  Peak extra memory: the new tables once (off CPU: on the host, then on the device, where
+  the host arrays are freed one by one as they arrive) and one chunk's projections; never all
+  codes in int32. The tables land on the device of ``weights``. Call it
   eagerly; inside jit use ``build_tables(neuron_codes(...))``. ``keep_codes``: as for
   :func:`~slidejax.lsh.build_tables`.
   """
@@ -81,8 +82,9 @@ def build_tables_streamed(family: HashFamily, params: Any, weights: jax.Array, *
   _host.stream_finish(buffers, reservoir)
   if arrays is None:
     arrays = []
-    for i in range(3):          # one host array at a time on its way to the device
-      arrays.append(jax.device_put(buffers[i]))
+    target = next(iter(weights.devices()))
+    for i in range(3):          # host arrays freed one by one once on the device
+      arrays.append(jax.device_put(buffers[i], target))
       arrays[-1].block_until_ready()
       buffers = buffers[:i] + (None,) + buffers[i + 1:]
   del buffers

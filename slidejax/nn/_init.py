@@ -31,13 +31,14 @@ def row_chunked(init: nnx.Initializer, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> 
       return init(key, (rows, width), dtype)
     num_blocks = -(-rows // chunk_rows)
 
-    def body(i, out):
-      start = jnp.minimum(i * chunk_rows, rows - chunk_rows)   # the last block overlaps
-      block = init(jax.random.fold_in(key, i), (chunk_rows, width), dtype)
-      return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=0)
+    def fill_blocks(key):
+      def body(i, out):
+        start = jnp.minimum(i * chunk_rows, rows - chunk_rows)   # the last block overlaps
+        block = init(jax.random.fold_in(key, i), (chunk_rows, width), dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, block, start, axis=0)
+      return jax.lax.fori_loop(0, num_blocks, body, jnp.zeros((rows, width), dtype))
 
-    return jax.jit(lambda k: jax.lax.fori_loop(0, num_blocks, body,
-                                               jnp.zeros((rows, width), dtype)))(key)
+    return jax.jit(fill_blocks)(key)
 
   return fill
 

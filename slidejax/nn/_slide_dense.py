@@ -93,7 +93,8 @@ class SlideDense(nnx.Module):
     mode: ``shared`` (one active set per batch: a dense matrix product), ``per_sample`` or
       ``dense`` (every neuron: the exact reference).
     insertion: ``fifo`` | ``reservoir`` bucket insertion.
-    track_codes: keep every neuron's codes in the tables (``[out_features, l]`` uint16), which
+    track_codes: keep every neuron's codes in the tables (``[out_features, l]``, uint16 up to
+      2**16 buckets, else int32), which
       :func:`slidejax.lsh.update_tables` needs for incremental updates; full rebuilds do not.
     backend: where tables are built and queried: ``host`` (Numba through a host callback),
       ``jax`` (pure JAX), ``None`` (host on CPU, jax on accelerators).

@@ -55,7 +55,7 @@ class TrainConfig:
   batch_size: int = 128
   lr: float = 1e-3
   epochs: int = 5
-  time_budget: float | None = None
+  time_budget: float | None = None   # training seconds; stops within 16 steps after it
   eval_every: int = 0
   eval_points: int = 2000
   seed: int = 0
@@ -261,9 +261,11 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
   stop = False
   interrupted = []
 
+  rebuilding = []
+
   def on_sigint(signum, frame):
-    if interrupted:  # a second Ctrl-C: stop at once
-      raise KeyboardInterrupt
+    if interrupted and not rebuilding:  # a second Ctrl-C: stop at once (not mid-rebuild,
+      raise KeyboardInterrupt           # which has already freed the old tables)
     interrupted.append(signum)
 
   previous_handler = None
@@ -294,8 +296,12 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
           loss = check_losses()   # waits for the steps; NaN/inf -> TrainingDiverged
         if rebuild:
           r0 = time.perf_counter()
-          state = trainer.rebuild(state, jax.random.fold_in(rebuild_key, step), redraw)
-          jax.block_until_ready(state.other)
+          rebuilding.append(True)
+          try:
+            state = trainer.rebuild(state, jax.random.fold_in(rebuild_key, step), redraw)
+            jax.block_until_ready(state.other)
+          finally:
+            rebuilding.clear()
           position["rebuilds"] += 1
           position["rebuild_seconds"] += time.perf_counter() - r0
         position["train_seconds"] += time.perf_counter() - t0
@@ -327,7 +333,10 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
       position["batch_index"] = 0
   except KeyboardInterrupt:
     check_losses()          # never checkpoint past an unnoticed NaN
-    save("interrupted")
+    if any(x.is_deleted() for x in jax.tree.leaves(state) if isinstance(x, jax.Array)):
+      log("interrupted inside a rebuild (old tables already freed): no new checkpoint")
+    else:
+      save("interrupted")
     if bar is not None:
       bar.close()
     if last_checkpoint:

@@ -205,7 +205,8 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
       if isinstance(layer, SlideDense) and layer.mode != "dense":
         if donate:
           for array in layer.tables.get_value():
-            array.delete()
+            if not isinstance(array, jax.core.Tracer):
+              array.delete()
         layer.rebuild(jax.random.fold_in(key, i), redraw=redraw)
     *_, other = nnx.split(m, RowParam, nnx.Param, RowDelta, ...)
     jax.block_until_ready(other)
