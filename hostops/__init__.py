@@ -4,6 +4,7 @@ Kernels take and return NumPy arrays; randomness is passed in as arrays. JAX rea
 table and selection kernels through one wrapper module, ``slidejax.lsh._host``.
 """
 
+from hostops._codes import wta_codes
 from hostops._parse import count_duplicate_ids
 from hostops._parse import format_sparse_lines
 from hostops._parse import merge_duplicate_ids

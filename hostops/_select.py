@@ -11,6 +11,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from hostops import _codes
 from hostops import _tables
 from hostops._tables import random_below
 
@@ -248,3 +249,4 @@ def warmup_lsh_kernels() -> None:
     select_per_sample(rows, forced, 5, 3, policy, 2, seeds, 2)
     select_shared(rows, forced, 5, 3, policy, 2, np.uint64(0))
   _tables.warmup()
+  _codes.warmup()

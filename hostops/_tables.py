@@ -322,12 +322,14 @@ def warmup() -> None:
   seeds = np.zeros(2, np.uint64)
   for reservoir in (False, True):
     b, c = build_tables(codes, 4, 2, reservoir, seeds)
-    chunk = np.ascontiguousarray(codes.T)
-    chunk.setflags(write=False)   # as np.asarray of a jax.Array arrives
-    for codes_out in (np.zeros((3, 2), np.uint16), np.zeros((3, 2), np.int32),
-                      np.zeros((3, 0), np.uint16), np.zeros((3, 0), np.int32)):
-      sb, sc = np.full_like(b, -1), np.zeros_like(c)
-      stream_fill(sb, sc, codes_out, chunk, 0, 0, reservoir, seeds)
+    writable = np.ascontiguousarray(codes.T)
+    readonly = writable.copy()
+    readonly.setflags(write=False)   # as np.asarray of a jax.Array arrives
+    for chunk in (readonly, writable):
+      for codes_out in (np.zeros((3, 2), np.uint16), np.zeros((3, 2), np.int32),
+                        np.zeros((3, 0), np.uint16), np.zeros((3, 0), np.int32)):
+        sb, sc = np.full_like(b, -1), np.zeros_like(c)
+        stream_fill(sb, sc, codes_out, chunk, 0, 0, reservoir, seeds)
     stream_finish_fifo(sb, sc)
     update_tables(b, c, np.ascontiguousarray(codes.T), np.array([1], np.int32),
                   np.ones((1, 2), np.int32), reservoir, seeds)

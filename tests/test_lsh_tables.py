@@ -275,3 +275,42 @@ def test_codes_are_stored_compactly_and_updates_need_them():
   lean = lsh.build_tables(codes, range_bits=RANGE_BITS, bucket_capacity=4, keep_codes=False)
   with pytest.raises(ValueError, match="keep_codes"):
     lsh.update_tables(lean, jnp.array([1], jnp.int32), jnp.zeros((1, 2), jnp.int32))
+
+
+@pytest.mark.parametrize("name,k,bin_size,range_bits", [
+    ("dwta", 6, 8, 12),     # folded (18 bits > 12)
+    ("dwta", 3, 4, 12),     # exact packing
+    ("dwta", 12, 8, 14),    # 36 bits: the mixing path
+    ("wta", 4, 8, 10),
+    ("wta", 2, 3, 4),
+])
+def test_host_wta_codes_equal_jax_codes(name, k, bin_size, range_bits):
+  from slidejax.lsh import _host  # pylint: disable=import-outside-toplevel
+  make = lsh.dwta if name == "dwta" else lsh.wta
+  fam = make(32, k=k, l=5, bin_size=bin_size, range_bits=range_bits)
+  params = fam.init(jax.random.key(k))
+  rng = np.random.default_rng(k)
+  w = rng.normal(size=(700, 32)).astype(np.float32)
+  w[rng.random(w.shape) < 0.6] = 0       # empty DWTA bins: densified along the probes
+  w[3] = 0                               # every bin empty
+  w[5] = 1.0                             # ties everywhere
+  out = np.empty((650, 5), np.int32)
+  _host.wta_codes(fam, params, w, 50, out)
+  np.testing.assert_array_equal(out, np.asarray(fam.codes(params, jnp.asarray(w)))[50:])
+
+
+@pytest.mark.parametrize("insertion", ["fifo", "reservoir"])
+def test_streamed_dwta_build_uses_host_codes_and_equals_full_build(insertion):
+  from slidejax.lsh import _stream  # pylint: disable=import-outside-toplevel
+  assert "dwta" in _stream.HOST_CODE_FAMILIES
+  fam = lsh.dwta(24, k=4, l=6, bin_size=8, range_bits=7)
+  params = fam.init(jax.random.key(0))
+  w = jax.random.normal(jax.random.key(1), (1000, 24))
+  w = jnp.where(jax.random.uniform(jax.random.key(2), w.shape) < 0.5, 0.0, w)
+  key = jax.random.key(3)
+  full = lsh.build_tables(lsh.neuron_codes(fam, params, w), range_bits=7, bucket_capacity=8,
+                          insertion=insertion, key=key, backend="host")
+  streamed = lsh.build_tables_streamed(fam, params, w, bucket_capacity=8, insertion=insertion,
+                                       key=key, chunk_size=128)
+  for a, b in zip(full, streamed):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

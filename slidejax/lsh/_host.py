@@ -99,6 +99,17 @@ def stream_fill(buffers, chunk_codes: np.ndarray, first_id: int, skip: int, rese
   _hostops().stream_fill(buckets, counts, codes, chunk_codes, first_id, skip, reservoir, seeds)
 
 
+def wta_codes(family, params, weights: np.ndarray, start: int, out: np.ndarray) -> None:
+  """WTA/DWTA codes of rows ``start .. start + len(out) - 1`` of a host float32 ``weights``
+  ``[n, dim]`` into ``out`` int32 ``[count, l]`` (Numba; equal to ``family.codes``)."""
+  from slidejax.lsh._families import probe_sequence  # pylint: disable=import-outside-toplevel
+  densified = family.name == "dwta"
+  probes = (probe_sequence(family.num_hashes) if densified
+            else np.zeros((1, family.num_hashes), np.int32))
+  _hostops().wta_codes(weights, start, out.shape[0], np.asarray(params["positions"]), probes,
+                       densified, family.k, family.bits_per_hash, family.range_bits, out)
+
+
 def stream_finish(buffers, reservoir: bool) -> None:
   """Puts FIFO buckets in oldest-first order once every neuron has been offered."""
   if not reservoir:

@@ -4,7 +4,8 @@ A full build through :func:`slidejax.lsh.build_tables` holds the codes of every 
 table-major transpose and the callback's copies of the new tables at once (about 0.9 GB above
 the model at Amazon-670K shape). The streamed build computes ``chunk_size`` neurons' codes at
 a time in a jitted program, hands them to a Numba kernel that inserts them into host tables in
-place (FIFO rings, put in order at the end). On CPU the host kernel writes straight into
+place (FIFO rings, put in order at the end). WTA/DWTA codes of CPU weights come from a Numba
+twin reading the weight matrix in place (XLA's gathers made them ~3x slower). On CPU the host kernel writes straight into
 freshly allocated XLA buffers (so the tables exist once); elsewhere the finished host tables
 move to the device one array at a time. It runs eagerly (not inside jit) and gives exactly the tables of
 :func:`~slidejax.lsh.build_tables` with the host backend and the same key.
@@ -24,6 +25,10 @@ from slidejax.lsh._tables import LSHTables
 from slidejax.lsh._tables import _check_insertion
 from slidejax.lsh._tables import _default_key
 from slidejax.lsh._tables import codes_dtype
+
+# Families whose codes of CPU weight rows the host computes itself (Numba twins of the JAX
+# codes: XLA's per-element gathers made DWTA codes of 670K rows take ~5 s).
+HOST_CODE_FAMILIES = ("wta", "dwta")
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,7 +63,6 @@ def build_tables_streamed(family: HashFamily, params: Any, weights: jax.Array, *
                     "build_tables(neuron_codes(...))")
   n = weights.shape[0]
   chunk = max(1, min(chunk_size, n))
-  program = _chunk_codes_program(family, chunk)
   shapes = _host.stream_shapes(n, family.l, 1 << family.range_bits, bucket_capacity,
                                codes_dtype(family.range_bits), keep_codes)
   device = _cpu_device(weights)
@@ -70,15 +74,11 @@ def build_tables_streamed(family: HashFamily, params: Any, weights: jax.Array, *
     arrays, buffers = None, tuple(np.full(shape.shape, fill, shape.dtype)
                                   for shape, fill in zip(shapes, _host.STREAM_FILLS))
   seeds = _host.stream_seeds(_default_key(key), family.l)
-  starts = list(range(0, n, chunk))
-  pending = program(params, weights, starts[0]) if starts else None
-  for index, start in enumerate(starts):
-    following = (program(params, weights, starts[index + 1])
-                 if index + 1 < len(starts) else None)   # dispatched ahead (async)
-    first_id = min(start, n - chunk)                     # where XLA's slice really began
-    _host.stream_fill(buffers, np.asarray(pending), first_id, start - first_id, reservoir,
-                      seeds)
-    pending = following
+  if (device is not None and family.name in HOST_CODE_FAMILIES
+      and weights.dtype == jnp.float32):
+    _fill_with_host_codes(family, params, weights, chunk, buffers, reservoir, seeds)
+  else:
+    _fill_with_jax_codes(family, params, weights, chunk, buffers, reservoir, seeds)
   _host.stream_finish(buffers, reservoir)
   if arrays is None:
     arrays = []
@@ -89,6 +89,32 @@ def build_tables_streamed(family: HashFamily, params: Any, weights: jax.Array, *
       buffers = buffers[:i] + (None,) + buffers[i + 1:]
   del buffers
   return LSHTables(*arrays)
+
+
+def _fill_with_host_codes(family, params, weights, chunk, buffers, reservoir, seeds) -> None:
+  """WTA/DWTA on CPU: Numba hashes the rows of the (zero-copy) weight view, chunk by chunk."""
+  n = weights.shape[0]
+  rows = np.asarray(weights)
+  codes = np.empty((chunk, family.l), np.int32)
+  for start in range(0, n, chunk):
+    count = min(chunk, n - start)
+    _host.wta_codes(family, params, rows, start, codes[:count])
+    _host.stream_fill(buffers, codes[:count], start, 0, reservoir, seeds)
+
+
+def _fill_with_jax_codes(family, params, weights, chunk, buffers, reservoir, seeds) -> None:
+  """Codes from a jitted program per chunk (dispatched one chunk ahead), inserted on the host."""
+  n = weights.shape[0]
+  program = _chunk_codes_program(family, chunk)
+  starts = list(range(0, n, chunk))
+  pending = program(params, weights, starts[0]) if starts else None
+  for index, start in enumerate(starts):
+    following = (program(params, weights, starts[index + 1])
+                 if index + 1 < len(starts) else None)   # dispatched ahead (async)
+    first_id = min(start, n - chunk)                     # where XLA's slice really began
+    _host.stream_fill(buffers, np.asarray(pending), first_id, start - first_id, reservoir,
+                      seeds)
+    pending = following
 
 
 def _cpu_device(weights: jax.Array):
