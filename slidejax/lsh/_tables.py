@@ -17,6 +17,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from slidejax._dedup import MARKS_RATIO
+from slidejax._dedup import unique_by_marks
+from slidejax._dedup import unique_with_inverse
 from slidejax.lsh import _host
 
 INSERTIONS = ("fifo", "reservoir")
@@ -224,25 +227,6 @@ def _update_jax(tables, neuron_ids, new_codes, reservoir, key):
   return LSHTables(buckets, counts, codes)
 
 
-def _unique_by_sort(coords, sentinel):
-  """Sorted unique ``coords`` int32 ``[m]`` padded with ``sentinel``, and each one's index
-  in them: (keys ``[m]``, index ``[m]``). ``O(m log m)``."""
-  keys = jnp.sort(coords)
-  first = jnp.concatenate([jnp.ones((1,), bool), keys[1:] != keys[:-1]])
-  keys = jnp.sort(jnp.where(first, keys, sentinel))
-  return keys, jnp.searchsorted(keys, coords).astype(jnp.int32)
-
-
-def _unique_dense(coords, sentinel):
-  """:func:`_unique_by_sort` through a mark array over ``[0, sentinel]``: ``O(m + sentinel)``."""
-  mark = jnp.zeros((sentinel + 1,), jnp.int32).at[coords].set(1)
-  rank = jnp.cumsum(mark) - 1
-  slot = jnp.where(mark[:sentinel] > 0, rank[:sentinel], coords.shape[0])
-  keys = jnp.full(coords.shape, sentinel, jnp.int32).at[slot].set(
-      jnp.arange(sentinel, dtype=jnp.int32), mode="drop")
-  return keys, rank[coords]
-
-
 def _touched_rows(old_codes, new_codes, valid, num_buckets):
   """The buckets an update edits, as rows of a gathered ``[T, capacity]`` block.
 
@@ -250,15 +234,18 @@ def _touched_rows(old_codes, new_codes, valid, num_buckets):
     old_codes, new_codes: int32 ``[r, l]``; valid: bool ``[r]`` rows that are not padding.
   Returns:
     keys int32 ``[T = 2 r l]``: sorted unique ``table * num_buckets + bucket``, padded with
-    ``l * num_buckets``; old_rows, new_rows int32 ``[r, l]``: each code's index in keys.
+    ``l * num_buckets``; old_rows, new_rows int32 ``[r, l]``: each code's index in keys
+    (rows that are padding: unspecified, never read).
   """
   r, num_tables = old_codes.shape
   sentinel = num_tables * num_buckets
   base = jnp.arange(num_tables, dtype=jnp.int32) * num_buckets
   coords = jnp.concatenate([old_codes + base, new_codes + base])          # [2r, l]
   coords = jnp.where(jnp.concatenate([valid, valid])[:, None], coords, sentinel).reshape(-1)
-  unique = _unique_by_sort if 8 * coords.shape[0] < sentinel else _unique_dense
-  keys, index = unique(coords, sentinel)
+  if sentinel <= MARKS_RATIO * coords.shape[0]:     # padding's index is never read
+    keys, index = unique_by_marks(coords, coords.shape[0], sentinel)
+  else:
+    keys, index = unique_with_inverse(coords, coords.shape[0], sentinel)
   index = index.reshape(2 * r, num_tables)
   return keys, index[:r], index[r:]
 

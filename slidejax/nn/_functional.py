@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from slidejax._dedup import unique_with_inverse  # noqa: F401  (re-exported by slidejax.nn)
+
 # Added to the logit of a padding slot; exp() of it is exactly 0 in float32.
 PAD_LOGIT = -1e9
 
@@ -18,30 +20,6 @@ PAD_LOGIT = -1e9
 def gather_rows(weights: jax.Array, ids: jax.Array) -> jax.Array:
   """Rows ``weights[ids]`` with out-of-range ids giving zero rows. ``[N, ...]``, ``[...]`` int."""
   return jnp.take(weights, ids, axis=0, mode="fill", fill_value=0)
-
-
-def unique_with_inverse(ids: jax.Array, size: int, fill_value: int
-                        ) -> tuple[jax.Array, jax.Array]:
-  """Sorted unique ids with a static size, and where each input id went.
-
-  Uses one single-key int32 sort (fast on CPU, unlike argsort or payload sorts), a cumsum
-  and a binary search. ``fill_value`` must exceed every id that matters (it pads the tail);
-  if there are more than ``size`` distinct ids, the largest ones are dropped and their
-  inverse is ``size`` (out of range on purpose).
-
-  Args:
-    ids: int32 ``[R]``.
-  Returns:
-    (unique int32 ``[size]``, inverse int32 ``[R]`` with ``unique[inverse] == ids``).
-  """
-  sorted_ids = jnp.sort(ids)
-  is_new = jnp.concatenate([jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]])
-  pos = jnp.cumsum(is_new.astype(jnp.int32)) - 1
-  unique = jnp.full((size,), fill_value, ids.dtype).at[jnp.where(is_new, pos, size)].set(
-      sorted_ids, mode="drop")
-  inverse = jnp.searchsorted(unique, ids).astype(jnp.int32)
-  found = jnp.take(unique, jnp.minimum(inverse, size - 1)) == ids
-  return unique, jnp.where(found, inverse, size)
 
 
 def embedding_bag(rows: jax.Array, values: jax.Array, bias: jax.Array | None = None) -> jax.Array:

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from slidejax.nn._functional import unique_with_inverse
+from slidejax._dedup import MARKS_RATIO
+from slidejax._dedup import unique_by_marks
+from slidejax._dedup import unique_with_inverse
 
 
 class RowSparseState(NamedTuple):
@@ -61,8 +63,8 @@ def sum_duplicate_rows(row_ids: jax.Array, row_grads: Any, num_rows: int
   """
   row_ids = jnp.where((row_ids >= 0) & (row_ids < num_rows), row_ids, num_rows).astype(jnp.int32)
   size = row_ids.shape[0]
-  if num_rows <= _MARKS_RATIO * size:   # O(num_rows) marks beat an O(R log R) sort here
-    unique_ids, inverse = _unique_by_marks(row_ids, size, num_rows)
+  if num_rows <= MARKS_RATIO * size:   # O(num_rows) marks beat an O(R log R) sort here
+    unique_ids, inverse = unique_by_marks(row_ids, size, num_rows)
     summed = jax.tree.map(   # padding maps to segment `size`: dropped, its rows stay zero
         lambda g: jax.ops.segment_sum(g, inverse, num_segments=size), row_grads)
     return unique_ids, summed
@@ -75,27 +77,6 @@ def sum_duplicate_rows(row_ids: jax.Array, row_grads: Any, num_rows: int
   return unique_ids.astype(jnp.int32), summed
 
 
-# Deduplicate through a mark array when num_rows <= this x the number of ids (measured at
-# R = 131,072 ids of 670,091 rows: 2.9 ms against 11.9 ms for the sort).
-_MARKS_RATIO = 8
-
-
-def _unique_by_marks(row_ids: jax.Array, size: int, num_rows: int
-                     ) -> tuple[jax.Array, jax.Array]:
-  """Sorted unique ids of ``row_ids`` int32 ``[R]`` (values in ``[0, num_rows]``, ``num_rows`` =
-  padding) through a ``[num_rows + 1]`` mark array and its prefix sum.
-
-  Returns (unique int32 ``[size]`` padded with ``num_rows``, inverse int32 ``[R]``; padding
-  ids get ``size``).
-  """
-  mark = jnp.zeros((num_rows + 1,), jnp.int32).at[row_ids].set(1)
-  mark = mark.at[num_rows].set(0)
-  rank = jnp.cumsum(mark) - 1
-  slot = jnp.where(mark[:num_rows] > 0, rank[:num_rows], size)
-  unique_ids = jnp.full((size,), num_rows, jnp.int32).at[slot].set(
-      jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
-  inverse = jnp.where(row_ids < num_rows, rank[row_ids], size).astype(jnp.int32)
-  return unique_ids, inverse
 
 
 def _gather_state_rows(state: Any, row_ids: jax.Array, num_rows: int) -> Any:
