@@ -2,8 +2,11 @@
 
 Policies (``POLICY_*``): vanilla (a random subset of the candidate union), topk (candidates
 found in the most tables first, ties random), threshold (only candidates found in at least
-``threshold`` tables, random among them). Forced ids always come first; any room left is
-filled with random ids not yet chosen. Slots past ``num_neurons`` hold id ``num_neurons``
+``threshold`` tables, random among them), sample_topk (batch-shared: each sample ranks its
+own candidates by its own table hits and the batch takes them round-robin, rank by rank;
+per-sample it is topk). Forced ids always come first; a ``uniform_share`` of the room left
+after them is kept for uniform random ids, the rest goes to candidates, and any room still
+left is filled with random ids not yet chosen. Slots past ``num_neurons`` hold id ``num_neurons``
 and are invalid. Randomness comes from ``seeds uint64`` arrays drawn by the caller.
 """
 from __future__ import annotations
@@ -18,7 +21,9 @@ from hostops._tables import random_below
 POLICY_VANILLA = 0
 POLICY_TOPK = 1
 POLICY_THRESHOLD = 2
-POLICIES = {"vanilla": POLICY_VANILLA, "topk": POLICY_TOPK, "threshold": POLICY_THRESHOLD}
+POLICY_SAMPLE_TOPK = 3
+POLICIES = {"vanilla": POLICY_VANILLA, "topk": POLICY_TOPK, "threshold": POLICY_THRESHOLD,
+            "sample_topk": POLICY_SAMPLE_TOPK}
 
 _UNSEEN = -1
 
@@ -57,6 +62,8 @@ def _rank_candidates(cand, hits, num_cand, policy, threshold, max_hits, seed, co
     hits[i], hits[j] = hits[j], hits[i]
   if policy == POLICY_VANILLA:
     return num_cand
+  if policy == POLICY_SAMPLE_TOPK:
+    policy = POLICY_TOPK
   if policy == POLICY_THRESHOLD:
     kept = 0                                 # partition: eligible ones first
     for i in range(num_cand):
@@ -105,9 +112,18 @@ def _fill_random(out, filled, size, num_neurons, seen, mark, seed, counter):
 
 
 @nb.njit(cache=True)
-def _select_row(rows, forced_row, num_neurons, num_active, policy, threshold,
-                seed, seen, cand, hits, ids_out, valid_out, slots_out):
-  """One sample's active set; resets ``seen`` before returning."""
+def _candidate_room(size, filled, uniform_share):
+  """Slots left for candidates after ``filled`` forced ids, keeping ``uniform_share`` of the
+  rest for uniform random ids."""
+  room = size - filled
+  return room - int(room * uniform_share + 0.5)
+
+
+@nb.njit(cache=True)
+def _select_row(rows, forced_row, preferred, num_neurons, num_active, policy, threshold,
+                uniform_share, seed, seen, cand, hits, ids_out, valid_out, slots_out):
+  """One sample's active set; resets ``seen`` before returning. Returns the slot where the
+  random fill starts (forced, preferred ids and candidates come before it)."""
   num_tables = rows.shape[0]
   size = min(num_active, num_neurons)
   filled = 0
@@ -122,15 +138,25 @@ def _select_row(rows, forced_row, num_neurons, num_active, policy, threshold,
       ids_out[filled] = v
       slots_out[j] = filled
       filled += 1
+  limit = filled + _candidate_room(size, filled, uniform_share)
+  for j in range(preferred.shape[0]):        # preferred ids (in order) while room is left
+    if filled >= limit:
+      break
+    v = preferred[j]
+    if 0 <= v < num_neurons and seen[v] == _UNSEEN:
+      seen[v] = filled
+      ids_out[filled] = v
+      filled += 1
   num_cand = _gather_candidates(rows, num_neurons, seen, cand, hits, 0, num_active)
   eligible = _rank_candidates(cand, hits, num_cand, policy, threshold, num_tables, seed,
                               np.uint64(0))
-  take = min(eligible, size - filled)
+  take = min(eligible, limit - filled)
   for q in range(take):
     ids_out[filled + q] = cand[q]
   for q in range(take, num_cand):            # candidates not taken may be random fill
     seen[cand[q]] = _UNSEEN
   filled += take
+  fixed = filled
   filled = _fill_random(ids_out, filled, size, num_neurons, seen, num_active, seed,
                         np.uint64(1 << 40))
   for q in range(filled):
@@ -141,37 +167,45 @@ def _select_row(rows, forced_row, num_neurons, num_active, policy, threshold,
   for q in range(filled, num_active):
     ids_out[q] = num_neurons
     valid_out[q] = False
+  return fixed
 
 
 @nb.njit(cache=True, parallel=True)
-def select_per_sample(bucket_rows, forced, num_neurons, num_active, policy, threshold,
-                      seeds, num_chunks):
+def select_per_sample(bucket_rows, forced, preferred, num_neurons, num_active, policy,
+                      threshold, uniform_share, seeds, num_chunks):
   """Per-sample active sets.
 
   Args:
     bucket_rows: int32[B, l, capacity], the bucket of each sample in each table (gathered
       by the caller, so only these rows cross to the host); forced: int32[B, f].
+    preferred: int32[P] ids every row takes after its forced ones, in order, while room is
+      left (-1: none; e.g. the batch's labels as in-batch negatives).
+    uniform_share: float share of the non-forced slots kept for uniform random ids.
     seeds: uint64[B]; num_chunks: rows are split into this many parallel chunks (threads).
   Returns:
-    ids int32[B, num_active], valid bool[B, num_active], forced_slots int32[B, f].
+    ids int32[B, num_active], valid bool[B, num_active], forced_slots int32[B, f],
+    num_fixed int32[B] (the slot where each row's random fill starts).
   """
   batch, num_tables, capacity = bucket_rows.shape
   ids = np.empty((batch, num_active), np.int32)
   valid = np.zeros((batch, num_active), np.bool_)
   slots = np.empty((batch, forced.shape[1]), np.int32)
+  fixed = np.empty(batch, np.int32)
   num_chunks = max(1, min(batch, num_chunks))
   for c in nb.prange(num_chunks):
     seen = np.full(num_neurons + 1, _UNSEEN, np.int64)
     cand = np.empty(num_tables * capacity, np.int32)
     hits = np.empty(num_tables * capacity, np.int32)
     for b in range(c, batch, num_chunks):
-      _select_row(bucket_rows[b], forced[b], num_neurons, num_active, policy, threshold,
-                  seeds[b], seen, cand, hits, ids[b], valid[b], slots[b])
-  return ids, valid, slots
+      fixed[b] = _select_row(bucket_rows[b], forced[b], preferred, num_neurons, num_active,
+                             policy, threshold, uniform_share, seeds[b], seen, cand, hits,
+                             ids[b], valid[b], slots[b])
+  return ids, valid, slots, fixed
 
 
 @nb.njit(cache=True)
-def select_shared(bucket_rows, forced, num_neurons, num_active, policy, threshold, seed):
+def select_shared(bucket_rows, forced, num_neurons, num_active, policy, threshold,
+                  uniform_share, seed):
   """One active set for the whole batch.
 
   Distinct forced ids come first (a random subset of them if they exceed ``num_active``),
@@ -180,7 +214,8 @@ def select_shared(bucket_rows, forced, num_neurons, num_active, policy, threshol
 
   Returns:
     ids int32[M], valid bool[M], forced_slots int32[B, f] (-1: padding or dropped),
-    forced_dropped int32[] (valid forced entries that got no slot).
+    forced_dropped int32[] (valid forced entries that got no slot), num_fixed int32[] (the
+    slot where the random fill starts).
   """
   batch, num_tables, capacity = bucket_rows.shape
   size = min(num_active, num_neurons)
@@ -215,28 +250,70 @@ def select_shared(bucket_rows, forced, num_neurons, num_active, policy, threshol
           slots[b, j] = mark
         else:
           dropped += 1
-  # candidates: union of all samples' buckets (offset keeps them apart from forced marks)
-  offset = num_active + 1
-  cand = np.empty(batch * num_tables * capacity, np.int32)
-  hits = np.empty(batch * num_tables * capacity, np.int32)
-  num_cand = 0
-  for b in range(batch):
-    num_cand = _gather_candidates(bucket_rows[b], num_neurons, seen, cand, hits, num_cand,
-                                  offset)
-  eligible = _rank_candidates(cand, hits, num_cand, policy, threshold, batch * num_tables,
-                              seed, np.uint64(0))
-  take = min(eligible, size - filled)
+  room = _candidate_room(size, filled, uniform_share)
+  if policy == POLICY_SAMPLE_TOPK:
+    cand, num_cand = _merge_sample_rankings(bucket_rows, num_neurons, seen, seed)
+    eligible = num_cand
+  else:
+    # candidates: union of all samples' buckets (offset keeps them apart from forced marks)
+    offset = num_active + 1
+    cand = np.empty(batch * num_tables * capacity, np.int32)
+    hits = np.empty(batch * num_tables * capacity, np.int32)
+    num_cand = 0
+    for b in range(batch):
+      num_cand = _gather_candidates(bucket_rows[b], num_neurons, seen, cand, hits, num_cand,
+                                    offset)
+    eligible = _rank_candidates(cand, hits, num_cand, policy, threshold, batch * num_tables,
+                                seed, np.uint64(0))
+  take = min(eligible, room)
   ids[filled:filled + take] = cand[:take]
   for q in range(take):
     seen[cand[q]] = filled + q
   for q in range(take, num_cand):            # candidates not taken may be random fill
     seen[cand[q]] = _UNSEEN
   filled += take
+  fixed = filled
   filled = _fill_random(ids, filled, size, num_neurons, seen, num_active, seed,
                         np.uint64(1 << 40))
   valid[:filled] = True
   ids[filled:] = num_neurons
-  return ids, valid, slots, np.int32(dropped)
+  return ids, valid, slots, np.int32(dropped), np.int32(fixed)
+
+
+@nb.njit(cache=True)
+def _merge_sample_rankings(bucket_rows, num_neurons, seen, seed):
+  """Each sample's candidates ranked by its own table hits (ties random), merged rank by
+  rank over the samples (in a random sample order): ``(ids, count)``, distinct, best first,
+  none already marked in ``seen`` (which this leaves unchanged)."""
+  batch, num_tables, capacity = bucket_rows.shape
+  width = num_tables * capacity
+  ranked = np.empty((batch, width), np.int32)
+  lengths = np.zeros(batch, np.int64)
+  local = np.full(num_neurons + 1, _UNSEEN, np.int64)
+  hits = np.empty(width, np.int32)
+  for b in range(batch):
+    n = _gather_candidates(bucket_rows[b], num_neurons, local, ranked[b], hits, 0, 0)
+    _rank_candidates(ranked[b], hits, n, POLICY_TOPK, 0, num_tables, seed,
+                     np.uint64(b) * np.uint64(width))
+    for q in range(n):
+      local[ranked[b, q]] = _UNSEEN
+    lengths[b] = n
+  order = np.arange(batch)
+  for i in range(batch - 1, 0, -1):
+    j = random_below(seed, np.uint64(1 << 52) + np.uint64(i), i + 1)
+    order[i], order[j] = order[j], order[i]
+  out = np.empty(batch * width, np.int32)
+  count = 0
+  longest = lengths.max() if batch else 0
+  for r in range(longest):
+    for b in order:
+      if r < lengths[b]:
+        v = ranked[b, r]
+        if seen[v] == _UNSEEN and local[v] == _UNSEEN:
+          local[v] = 0
+          out[count] = v
+          count += 1
+  return out, count
 
 
 def warmup_lsh_kernels() -> None:
@@ -246,7 +323,7 @@ def warmup_lsh_kernels() -> None:
   forced = np.array([[0, -1], [2, 2]], np.int32)
   seeds = np.zeros(2, np.uint64)
   for policy in POLICIES.values():
-    select_per_sample(rows, forced, 5, 3, policy, 2, seeds, 2)
-    select_shared(rows, forced, 5, 3, policy, 2, np.uint64(0))
+    select_per_sample(rows, forced, forced[0], 5, 3, policy, 2, 0.0, seeds, 2)
+    select_shared(rows, forced, 5, 3, policy, 2, 0.0, np.uint64(0))
   _tables.warmup()
   _codes.warmup()

@@ -1,10 +1,15 @@
 """``slidejax bench``: dense-vs-sparse step timings and time-to-accuracy, side by side."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import pathlib
 import sys
+
+from slidejax._cli_train import HASH_OPTIONS
+from slidejax._cli_train import add_hash_options
+from slidejax._cli_train import hash_settings
 
 
 def add_parser(subparsers) -> None:
@@ -24,9 +29,9 @@ def add_parser(subparsers) -> None:
   p.add_argument("--labels-per-point", type=int)
   p.add_argument("--modes", default="shared:2048,shared:8192,per_sample:1024",
                  help="comma-separated MODE:NUM_ACTIVE list (default: %(default)s)")
-  p.add_argument("--hash", default="simhash", choices=("simhash", "wta", "dwta", "minhash"))
-  p.add_argument("--l", type=int, default=50)
-  p.add_argument("--k", type=int, default=None)
+  p.add_argument("--sampler", choices=("lsh", "uniform", "unigram"), default="lsh",
+                 help="negatives of the timed sparse modes (default: %(default)s)")
+  add_hash_options(p)
   p.add_argument("--builder", choices=("host", "jax"), default=None)
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--no-dense", action="store_true",
@@ -34,12 +39,22 @@ def add_parser(subparsers) -> None:
   p.add_argument("--label-scaling", type=int, metavar="LABELS",
                  help="time the sparse modes at the scenario's labels and at LABELS, "
                       "alternating in one process, and report the ratio")
-  p.add_argument("--time-to-accuracy", action="store_true")
+  p.add_argument("--time-to-accuracy", action="store_true",
+                 help="train every run of --runs on the same data, P@1 against seconds")
+  p.add_argument("--runs", default="dense,uniform,unigram,lsh,lsh:per_sample",
+                 help="time-to-accuracy runs: comma-separated SAMPLER[:MODE], SAMPLER one of "
+                      "dense, uniform, unigram, lsh; MODE shared or per_sample "
+                      "(default: %(default)s)")
+  p.add_argument("--per-sample-active", type=int, default=1024,
+                 help="num_active of per_sample runs (default: %(default)s)")
+  p.add_argument("--probe-every", type=int, default=0, metavar="STEPS",
+                 help="selection telemetry of every sparse run every N steps")
   p.add_argument("--preset", default="mid", help="synthetic preset for --time-to-accuracy")
   p.add_argument("--train", help="training file (XC format) for --time-to-accuracy")
   p.add_argument("--test", help="test file (XC format) for --time-to-accuracy")
   p.add_argument("--epochs", type=int, default=3)
-  p.add_argument("--num-active", type=int, default=4096)
+  p.add_argument("--num-active", type=int, default=4096,
+                 help="num_active of the shared-mode runs (default: %(default)s)")
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--eval-points", type=int, default=2000)
@@ -76,9 +91,33 @@ def _modes(text: str):
   return tuple(out)
 
 
+def _tta_runs(args, num_labels: int, common: dict) -> dict:
+  """The named TrainConfigs of ``--runs``."""
+  from slidejax import train
+  hashing = hash_settings(argparse.Namespace(**{**vars(args), "sampler": "lsh"}))
+  runs = {}
+  for item in args.runs.split(","):
+    sampler, _, mode = item.partition(":")
+    mode = mode or "shared"
+    if sampler not in ("dense", "uniform", "unigram", "lsh") or mode not in ("shared",
+                                                                             "per_sample"):
+      raise ValueError(f"--runs: {item!r} is not SAMPLER[:MODE] (SAMPLER dense, uniform, "
+                       f"unigram or lsh; MODE shared or per_sample)")
+    if sampler == "dense":
+      runs["dense"] = train.TrainConfig(dense=True, **common)
+      continue
+    size = args.num_active if mode == "shared" else args.per_sample_active
+    options = hashing if sampler == "lsh" else {}
+    name = sampler if mode == "shared" else f"{sampler}:{mode}"
+    runs[name] = train.TrainConfig(sampler=sampler, mode=mode, num_active=min(size, num_labels),
+                                   builder=args.builder, probe_every=args.probe_every,
+                                   **options, **common)
+  return runs
+
+
 def _time_to_accuracy(args) -> dict:
   from slidejax import data as xcdata
-  from slidejax import train
+  from slidejax.bench import steps
   from slidejax.bench import time_to_accuracy as tta
   if args.train:
     trn = xcdata.read_xc(args.train)
@@ -90,19 +129,28 @@ def _time_to_accuracy(args) -> dict:
   common = dict(epochs=args.epochs, lr=args.lr, eval_every=args.eval_every,
                 eval_points=args.eval_points, time_budget=args.time_budget,
                 batch_size=args.batch_size or 128, hidden=args.hidden or 128)
-  sparse = train.TrainConfig(num_active=min(args.num_active, trn.num_labels), hash=args.hash,
-                             l=args.l, k=args.k, builder=args.builder, **common)
-  dense = train.TrainConfig(dense=True, **common)
-  result = tta.run(trn, tst, sparse=sparse, dense=dense,
-                   log=lambda m: print(m, file=sys.stderr))
+  runs = _tta_runs(args, trn.num_labels, common)
+  baseline = "uniform" if "uniform" in runs else next(iter(runs))
+  result = tta.run(trn, tst, runs, baseline=baseline, log=lambda m: print(m, file=sys.stderr))
   if args.plot and tta.plot(result, args.plot):
     result["plot"] = args.plot
     print(f"plot: {args.plot}")
   elif args.plot:
     print("plot skipped: matplotlib is not installed (pip install 'slidejax[plot]')")
-  print(f"target P@1 {result['target_p@1']:.4f}: dense {result['dense_seconds_to_target']} s, "
-        f"sparse {result['sparse_seconds_to_target']} s, ratio {result['time_ratio']}")
+  print(tta.summary(result))
+  probes = {name: e["probes"][-1] for name, e in result["runs"].items() if e.get("probes")}
+  if probes:
+    print(steps.probe_table(probes))
   return result
+
+
+def _step_hashing(args) -> dict:
+  """Hash options of the step benchmark (which times hash, l and k only)."""
+  hashing = hash_settings(args)
+  unused = sorted(HASH_OPTIONS[n] for n in hashing if n not in ("hash", "l", "k"))
+  if unused:
+    raise ValueError(f"{', '.join(unused)}: only --hash, --l and --k apply to step timings")
+  return hashing
 
 
 def run(args) -> int:
@@ -114,16 +162,20 @@ def run(args) -> int:
       scenario = _scenario(args)
       if not 0 < args.label_scaling < scenario.labels:
         raise ValueError(f"--label-scaling must be between 1 and {scenario.labels - 1}")
+      hashing = _step_hashing(args)
       result = steps.run_label_scaling(scenario, args.label_scaling, modes=_modes(args.modes),
-                                       hash_name=args.hash, l=args.l, k=args.k,
+                                       hash_name=hashing.get("hash", "simhash"),
+                                       l=hashing.get("l", 50), k=hashing.get("k"),
                                        repeats=args.repeats, backend=args.builder)
       print(f"largest step-time ratio {result['max_ratio']:.2f} "
             f"({scenario.labels} vs {args.label_scaling} labels)")
     else:
       from slidejax.bench import steps
-      result = steps.run(_scenario(args), modes=_modes(args.modes), hash_name=args.hash,
-                         l=args.l, k=args.k, repeats=args.repeats, backend=args.builder,
-                         with_dense=not args.no_dense)
+      hashing = _step_hashing(args)
+      result = steps.run(_scenario(args), modes=_modes(args.modes),
+                         hash_name=hashing.get("hash", "simhash"), l=hashing.get("l", 50),
+                         k=hashing.get("k"), repeats=args.repeats, backend=args.builder,
+                         with_dense=not args.no_dense, sampler=args.sampler)
       print(f"best sparse {result['sparse_step_ms']:.1f} ms vs dense "
             f"{result['dense_step_ms']:.1f} ms: {result['speedup']:.1f}x; "
             f"peak RSS {result['peak_rss_mb']:.0f} MB (parameters + Adam state "

@@ -20,14 +20,22 @@ def add_parser(subparsers) -> None:
                  help="synthetic preset when no --train is given (default: %(default)s)")
   p.add_argument("--strict", action="store_true", help="treat data warnings as errors")
   p.add_argument("--hidden", type=int, default=128)
-  p.add_argument("--hash", choices=("simhash", "wta", "dwta", "minhash"), default="simhash")
-  p.add_argument("--k", type=int, default=None, help="hashes per table (default: by family)")
-  p.add_argument("--l", type=int, default=50, help="hash tables")
-  p.add_argument("--range-bits", type=int, default=None, help="bucket-id bits per table")
-  p.add_argument("--bucket-capacity", type=int, default=128)
+  p.add_argument("--sampler", choices=("lsh", "uniform", "unigram"), default="lsh",
+                 help="where negatives come from: LSH tables, uniform random ids, or the "
+                      "training label frequency^0.75 with the log-q correction; the last two "
+                      "build no tables and take no hash options (default: %(default)s)")
+  add_hash_options(p)
+  p.add_argument("--correction", choices=("none", "logq"), default="none",
+                 help="logq: the random part of the active set stands in for every neuron "
+                      "not selected (log-q logit correction; lsh and uniform samplers; "
+                      "unigram always corrects) (default: %(default)s)")
   p.add_argument("--num-active", type=int, default=2048)
-  p.add_argument("--policy", choices=("vanilla", "topk", "threshold"), default="vanilla")
   p.add_argument("--mode", choices=("shared", "per_sample"), default="shared")
+  p.add_argument("--in-batch-negatives", action="store_true",
+                 help="per_sample: each sample's set also takes the batch's labels")
+  p.add_argument("--probe-every", type=int, default=0, metavar="STEPS",
+                 help="selection telemetry every N steps (recall of the exact top logits in "
+                      "the active set, table share, bucket occupancy; not timed)")
   p.add_argument("--builder", choices=("host", "jax"), default=None,
                  help="table builder/query backend (default: host on CPU, jax elsewhere)")
   p.add_argument("--batch-size", type=int, default=128)
@@ -37,11 +45,6 @@ def add_parser(subparsers) -> None:
   p.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
                  help="evaluate P@k on --eval-points test rows every N steps (0: at the end)")
   p.add_argument("--eval-points", type=int, default=2000)
-  p.add_argument("--rebuild-first", type=int, default=50)
-  p.add_argument("--rebuild-growth", type=float, default=2.0,
-                 help="rebuild interval growth factor (default: %(default)s)")
-  p.add_argument("--rebuild-max-interval", type=int, default=2000)
-  p.add_argument("--redraw-every", type=int, default=0, help="new hash functions every n-th rebuild")
   p.add_argument("--max-features", type=int, default=None)
   p.add_argument("--max-labels", type=int, default=None)
   p.add_argument("--seed", type=int, default=0)
@@ -55,6 +58,50 @@ def add_parser(subparsers) -> None:
   p.add_argument("--json", metavar="PATH", help="write the results as JSON")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(func=run)
+
+
+# LSH-only options: None means "not given" (the TrainConfig default applies); given with a
+# sampler that does not hash, they are refused.
+HASH_OPTIONS = {"hash": "--hash", "k": "--k", "l": "--l", "range_bits": "--range-bits",
+                "bucket_capacity": "--bucket-capacity", "policy": "--policy",
+                "uniform_share": "--uniform-share", "transform": "--transform",
+                "rebuild_first": "--rebuild-first", "rebuild_growth": "--rebuild-growth",
+                "rebuild_max_interval": "--rebuild-max-interval",
+                "redraw_every": "--redraw-every"}
+
+
+def add_hash_options(p) -> None:
+  """The LSH options of ``train`` and ``bench`` (defaults: :class:`slidejax.train.TrainConfig`)."""
+  p.add_argument("--hash", choices=("simhash", "wta", "dwta", "minhash"),
+                 help="hash family (default: simhash)")
+  p.add_argument("--k", type=int, help="hashes per table (default: by family)")
+  p.add_argument("--l", type=int, help="hash tables (default: 50)")
+  p.add_argument("--range-bits", type=int, help="bucket-id bits per table")
+  p.add_argument("--bucket-capacity", type=int, help="default: 128")
+  p.add_argument("--policy", choices=("vanilla", "topk", "threshold", "sample_topk"),
+                 help="how candidates are chosen (default: vanilla)")
+  p.add_argument("--uniform-share", type=float,
+                 help="share of the non-label slots kept for uniform random negatives")
+  p.add_argument("--transform", choices=("none", "center", "mips"),
+                 help="what the tables hash: the rows as they are, centered, or the "
+                      "asymmetric MIPS transform (default: none)")
+  p.add_argument("--rebuild-first", type=int, help="first rebuild after N steps (default: 50)")
+  p.add_argument("--rebuild-growth", type=float,
+                 help="rebuild interval growth factor (default: 2)")
+  p.add_argument("--rebuild-max-interval", type=int, help="default: 2000")
+  p.add_argument("--redraw-every", type=int, help="new hash functions every n-th rebuild")
+
+
+def hash_settings(args) -> dict:
+  """The LSH options given on the command line; refused (ValueError) with a sampler that
+  does not hash."""
+  given = {name: getattr(args, name) for name in HASH_OPTIONS
+           if getattr(args, name, None) is not None}
+  if given and args.sampler != "lsh":
+    flags = ", ".join(HASH_OPTIONS[name] for name in given)
+    raise ValueError(f"{flags}: hash options need --sampler lsh (--sampler {args.sampler} "
+                     f"builds no tables)")
+  return given
 
 
 def load_data(args):
@@ -75,14 +122,13 @@ def load_data(args):
 def config_from_args(args):
   from slidejax.train import TrainConfig
   return TrainConfig(
-      hidden=args.hidden, hash=args.hash, k=args.k, l=args.l, bucket_capacity=args.bucket_capacity,
-      range_bits=args.range_bits, num_active=args.num_active, policy=args.policy, mode=args.mode,
+      hidden=args.hidden, num_active=args.num_active, mode=args.mode, sampler=args.sampler,
       batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, time_budget=args.time_budget,
       eval_every=args.eval_every, eval_points=args.eval_points, seed=args.seed,
       max_features=args.max_features, max_labels=args.max_labels, dense=args.dense,
-      rebuild_first=args.rebuild_first, rebuild_growth=args.rebuild_growth,
-      rebuild_max_interval=args.rebuild_max_interval, redraw_every=args.redraw_every,
-      builder=args.builder, checkpoint_every=args.checkpoint_every)
+      builder=args.builder, checkpoint_every=args.checkpoint_every,
+      probe_every=args.probe_every, correction=args.correction,
+      in_batch_negatives=args.in_batch_negatives, **hash_settings(args))
 
 
 def _provide_cpu_devices(mesh_spec: str) -> None:

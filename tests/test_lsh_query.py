@@ -79,6 +79,7 @@ def test_active_set_contract(seed, num_neurons, num_active, num_forced, policy, 
     assert int(out.forced_dropped) == int(np.sum(in_range & (slots < 0)))
     if np.unique(forced[in_range]).size <= num_active:
       assert int(out.forced_dropped) == 0
+    assert (slots[slots >= 0] < int(out.num_fixed)).all() and out.num_fixed <= valid.sum()
   else:
     if num_forced > num_active:
       with pytest.raises(ValueError, match="forced"):
@@ -86,10 +87,11 @@ def test_active_set_contract(seed, num_neurons, num_active, num_forced, policy, 
       return
     out = _query(*args, **options)
     for b in range(batch):
-      ids, valid, slots = (np.asarray(a[b]) for a in out)
+      ids, valid, slots, fixed = (np.asarray(a[b]) for a in out)
       _check_row(ids, valid, forced[b], slots, num_active, num_neurons)
       in_range = (forced[b] >= 0) & (forced[b] < num_neurons)
       assert (slots[in_range] >= 0).all()                # forced ids are always present
+      assert (slots[in_range] < fixed).all() and fixed <= valid.sum()   # fill comes last
   if num_forced > 1 and 0 <= forced[0, 0] < num_neurons:
     slots = np.asarray(out.forced_slots)
     assert slots[0, 0] == slots[0, 1]

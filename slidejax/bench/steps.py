@@ -97,13 +97,28 @@ class _Runner:
     return time.perf_counter() - t0
 
 
+def _sampler_options(s: Scenario, batches, sampler: str, hash_name: str, l: int,
+                     k: int | None) -> dict:
+  """SlideDense options of ``sampler``: hash settings for LSH, the batches' label counts for
+  unigram, nothing for uniform."""
+  if sampler == "lsh":
+    return dict(hash=hash_name, l=l, k=k)
+  if sampler == "unigram":
+    labels = np.concatenate([b.label_ids.ravel() for b in batches])
+    return dict(sampler="unigram",
+                label_counts=np.bincount(labels[labels >= 0], minlength=s.labels))
+  return dict(sampler=sampler)
+
+
 def _sparse_runner(s: Scenario, batches, *, mode: str, num_active: int, hash_name: str,
-                   l: int, k: int | None, backend: str | None) -> _Runner:
-  model = nn.SlideMLP(s.features, s.labels, hidden=s.hidden, hash=hash_name, l=l, k=k,
-                      num_active=num_active, mode=mode, backend=backend, rngs=nnx.Rngs(0))
+                   l: int, k: int | None, backend: str | None, sampler: str = "lsh") -> _Runner:
+  model = nn.SlideMLP(s.features, s.labels, hidden=s.hidden, num_active=num_active, mode=mode,
+                      backend=backend, rngs=nnx.Rngs(0),
+                      **_sampler_options(s, batches, sampler, hash_name, l, k))
   trainer = train.make_sparse_trainer(model, optax.adam(1e-4), optax.adam(1e-4),
                                       batch_size=s.batch_size, max_features=s.max_features)
-  return _Runner(f"{mode}:{num_active}", model, trainer, batches)
+  name = f"{mode}:{num_active}" + ("" if sampler == "lsh" else f":{sampler}")
+  return _Runner(name, model, trainer, batches)
 
 
 def _dense_runner(s: Scenario, batches) -> _Runner:
@@ -134,6 +149,7 @@ def _breakdown(runner: _Runner, s: Scenario, repeats: int = 5) -> dict:
   grads_ms = 1e3 * statistics.median(
       _time(grads, runner.state, runner.batches[i % len(runner.batches)], jax.random.key(i))
       for i in range(repeats))
+  probe = nn.selection_probe(out_layer, h, batch.label_ids, jax.random.key(2))
   rebuild_key = jax.random.key(1)
   for _ in range(2):  # the first call compiles; the second is timed
     r0 = time.perf_counter()
@@ -141,16 +157,21 @@ def _breakdown(runner: _Runner, s: Scenario, repeats: int = 5) -> dict:
     jax.block_until_ready(runner.state.other)
     rebuild_s = time.perf_counter() - r0
   rebuilds = len(train.TrainConfig().schedule().rebuild_steps(AMORTIZE_STEPS))
+  if not out_layer.uses_tables:
+    rebuild_s = rebuilds = 0.0
   return {"query_ms": query_ms, "gradients_ms": grads_ms, "rebuild_seconds": rebuild_s,
-          "rebuild_amortized_ms": 1e3 * rebuild_s * rebuilds / AMORTIZE_STEPS}
+          "rebuild_amortized_ms": 1e3 * rebuild_s * rebuilds / AMORTIZE_STEPS,
+          "probe": probe}
 
 
 def run(s: Scenario, *, modes=(("shared", 2048), ("shared", 8192), ("per_sample", 1024)),
         hash_name: str = "simhash", l: int = 50, k: int | None = None, repeats: int = 10,
-        backend: str | None = None, with_dense: bool = True, log=print) -> dict[str, Any]:
+        backend: str | None = None, with_dense: bool = True, sampler: str = "lsh",
+        log=print) -> dict[str, Any]:
   """Times dense vs sparse steps for scenario ``s``; returns the result dictionary.
 
-  ``with_dense=False`` times the sparse modes alone (to read their own peak RSS).
+  ``with_dense=False`` times the sparse modes alone (to read their own peak RSS). Each mode
+  also gets a :func:`slidejax.nn.selection_probe` of its (briefly trained) active sets.
   """
   batches = random_batches(s, 8)
   log(f"[{s.name}] {s.features} features, {s.labels} labels, hidden {s.hidden}, "
@@ -162,7 +183,7 @@ def run(s: Scenario, *, modes=(("shared", 2048), ("shared", 8192), ("per_sample"
     if m > s.labels:
       continue
     runners.append(_sparse_runner(s, batches, mode=mode, num_active=m, hash_name=hash_name,
-                                  l=l, k=k, backend=backend))
+                                  l=l, k=k, backend=backend, sampler=sampler))
     log(f"  {runners[-1].name} compiled in {runners[-1].compile_seconds:.1f} s")
   for _ in range(2):  # warm-up
     for r in runners:
@@ -185,6 +206,7 @@ def run(s: Scenario, *, modes=(("shared", 2048), ("shared", 8192), ("per_sample"
         f"optimizer {parts['optimizer_ms']:.1f}, rebuild {parts['rebuild_seconds']:.2f} s = "
         f"{parts['rebuild_amortized_ms']:.1f} ms/step amortized)")
   log(f"  {'dense':>18}: {dense_ms:8.1f} ms/step")
+  log(probe_table({name: e["probe"] for name, e in per_mode.items()}))
   params = sum(x.size for x in jax.tree.leaves(nnx.state(runners[-1].model, nnx.Param)))
   best = min(per_mode.values(), key=lambda e: e["step_ms"]) if per_mode else None
   return {"scenario": dataclasses.asdict(s), "backend": jax.default_backend(),
@@ -196,6 +218,19 @@ def run(s: Scenario, *, modes=(("shared", 2048), ("shared", 8192), ("per_sample"
           "sparse_step_ms": None if best is None else best["step_ms"],
           "speedup": None if best is None else best["speedup"],
           "modes": per_mode, "peak_rss_mb": peak_rss_mb()}
+
+
+PROBE_COLUMNS = ("recall@10", "recall@100", "table_share", "negative_logit", "uniform_logit",
+                 "bucket_occupancy", "largest_bucket_share")
+
+
+def probe_table(probes: dict[str, dict]) -> str:
+  """Selection telemetry, one row per run (see :func:`slidejax.nn.selection_probe`)."""
+  head = f"  {'selection':>24} " + " ".join(f"{c:>20}" for c in PROBE_COLUMNS)
+  rows = [f"  {name:>24} " + " ".join(
+      f"{probe[c]:>20.3f}" if c in probe else f"{'-':>20}" for c in PROBE_COLUMNS)
+      for name, probe in probes.items() if probe]
+  return "\n".join([head] + rows)
 
 
 def run_label_scaling(s: Scenario, small_labels: int, *,

@@ -15,9 +15,12 @@ from slidejax.lsh._families import wta
 from slidejax.lsh._host import warmup
 from slidejax.lsh._query import POLICIES
 from slidejax.lsh._query import ActiveSet
+from slidejax.lsh._query import bucket_rows
 from slidejax.lsh._query import SharedActiveSet
 from slidejax.lsh._query import query
 from slidejax.lsh._query import query_shared
+from slidejax.lsh._query import select
+from slidejax.lsh._query import select_shared
 from slidejax.lsh._stream import build_tables_streamed
 from slidejax.lsh._tables import BACKENDS
 from slidejax.lsh._tables import INSERTIONS

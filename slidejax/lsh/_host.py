@@ -167,38 +167,42 @@ def update_rows(rows: jax.Array, counts: jax.Array, old_rows: jax.Array, new_row
                            words, vmap_method=_VMAP_METHOD)
 
 
-def _bucket_rows(buckets: jax.Array, codes: jax.Array) -> jax.Array:
+def bucket_rows(buckets: jax.Array, codes: jax.Array) -> jax.Array:
   """int32 ``[B, l, capacity]``: each sample's bucket in each table (gathered in XLA, so only
   these rows, not the whole table, are handed to the host)."""
   return buckets[jnp.arange(buckets.shape[0])[None, :], codes]
 
 
-def select_per_sample(buckets: jax.Array, codes: jax.Array, forced: jax.Array, *,
+def select_per_sample(rows: jax.Array, forced: jax.Array, preferred: jax.Array, *,
                       num_neurons: int, num_active: int, policy: str, threshold: int,
-                      key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Host per-sample selection -> (ids ``[B, m]``, valid ``[B, m]``, forced_slots ``[B, f]``)."""
+                      uniform_share: float, key: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Host per-sample selection from candidate rows int32 ``[B, l, c]`` -> (ids ``[B, m]``,
+  valid ``[B, m]``, forced_slots ``[B, f]``, num_fixed ``[B]``)."""
   ops = _hostops()
   import numba  # pylint: disable=import-outside-toplevel
-  batch = codes.shape[0]
+  batch = rows.shape[0]
   words = _seed_words(key, (batch,))
   policy_id = ops.POLICIES[policy]
 
-  def host(rows, forced, words):
-    return ops.select_per_sample(np.asarray(rows), np.asarray(forced),
-                                 num_neurons, num_active, policy_id, threshold, _seeds(words),
-                                 numba.get_num_threads())
+  def host(rows, forced, preferred, words):
+    return ops.select_per_sample(np.asarray(rows), np.asarray(forced), np.asarray(preferred),
+                                 num_neurons, num_active, policy_id, threshold,
+                                 float(uniform_share), _seeds(words), numba.get_num_threads())
 
   shapes = (jax.ShapeDtypeStruct((batch, num_active), jnp.int32),
             jax.ShapeDtypeStruct((batch, num_active), jnp.bool_),
-            jax.ShapeDtypeStruct(forced.shape, jnp.int32))
-  return jax.pure_callback(host, shapes, _bucket_rows(buckets, codes), forced, words,
+            jax.ShapeDtypeStruct(forced.shape, jnp.int32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32))
+  return jax.pure_callback(host, shapes, rows, forced, preferred, words,
                            vmap_method=_VMAP_METHOD)
 
 
-def select_shared(buckets: jax.Array, codes: jax.Array, forced: jax.Array, *,
-                  num_neurons: int, num_active: int, policy: str, threshold: int,
+def select_shared(rows: jax.Array, forced: jax.Array, *, num_neurons: int, num_active: int,
+                  policy: str, threshold: int, uniform_share: float,
                   key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Host batch-shared selection -> (ids ``[M]``, valid ``[M]``, slots ``[B, f]``, dropped)."""
+  """Host batch-shared selection from candidate rows int32 ``[B, l, c]`` -> (ids ``[M]``,
+  valid ``[M]``, slots ``[B, f]``, dropped, num_fixed)."""
   ops = _hostops()
   words = _seed_words(key, ())
   policy_id = ops.POLICIES[policy]
@@ -206,11 +210,11 @@ def select_shared(buckets: jax.Array, codes: jax.Array, forced: jax.Array, *,
   def host(rows, forced, words):
     return ops.select_shared(np.asarray(rows), np.asarray(forced),
                              num_neurons, num_active, policy_id, threshold,
-                             _seeds(words)[()])
+                             float(uniform_share), _seeds(words)[()])
 
   shapes = (jax.ShapeDtypeStruct((num_active,), jnp.int32),
             jax.ShapeDtypeStruct((num_active,), jnp.bool_),
             jax.ShapeDtypeStruct(forced.shape, jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32))
-  return jax.pure_callback(host, shapes, _bucket_rows(buckets, codes), forced, words,
-                           vmap_method=_VMAP_METHOD)
+  return jax.pure_callback(host, shapes, rows, forced, words, vmap_method=_VMAP_METHOD)

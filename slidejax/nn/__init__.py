@@ -17,6 +17,8 @@ from slidejax.nn._models import DenseMLP
 from slidejax.nn._models import SlideMLP
 from slidejax.nn._models import dense_softmax_loss
 from slidejax.nn._models import sampled_softmax_loss
+from slidejax.nn._probe import selection_probe
+from slidejax.nn._slide_dense import SAMPLERS
 from slidejax.nn._slide_dense import SlideDense
 from slidejax.nn._slide_dense import SlideOutput
 from slidejax.nn._sparse_input import SparseInput
@@ -25,3 +27,4 @@ from slidejax.nn._variables import HashParams
 from slidejax.nn._variables import HashTables
 from slidejax.nn._variables import RowDelta
 from slidejax.nn._variables import RowParam
+from slidejax.nn._variables import SamplerCounts

@@ -43,8 +43,12 @@ class SlideMLP(nnx.Module):
 
 def sampled_softmax_loss(out: SlideOutput, sample_weight: jax.Array | None = None) -> jax.Array:
   """Multi-label softmax cross-entropy over the active set (target mass spread evenly over
-  each sample's true labels; rows without labels and padding rows do not count)."""
-  return softmax_cross_entropy(out.logits, out.label_slots, sample_weight)
+  each sample's true labels; rows without labels and padding rows do not count), after the
+  sampler's ``logit_correction`` when it has one."""
+  logits = out.logits
+  if out.logit_correction is not None:   # the sampler's log-q correction (see SlideOutput)
+    logits = logits - out.logit_correction
+  return softmax_cross_entropy(logits, out.label_slots, sample_weight)
 
 
 def dense_softmax_loss(logits: jax.Array, label_ids: jax.Array,

@@ -16,10 +16,15 @@ from slidejax.nn._variables import HashParams
 from slidejax.nn._variables import HashTables
 from slidejax.nn._variables import RowDelta
 from slidejax.nn._variables import RowParam
+from slidejax.nn._variables import SamplerCounts
 
 HASH_FAMILIES = ("simhash", "wta", "dwta", "minhash")
-POLICIES = ("vanilla", "topk", "threshold")
+POLICIES = lsh.POLICIES
 MODES = ("shared", "per_sample", "dense")
+SAMPLERS = ("lsh", "uniform", "unigram")
+CORRECTIONS = ("none", "logq")
+TRANSFORMS = ("none", "center", "mips")
+UNIGRAM_POWER = 0.75
 
 
 class SlideOutput(NamedTuple):
@@ -32,12 +37,16 @@ class SlideOutput(NamedTuple):
     valid: bool, same shape as ``ids``.
     label_slots: int32 ``[B, f]``: column of each forced (true) label, -1 if none/padding.
     forced_dropped: int32 scalar: labels that did not fit into the active set (shared mode).
+    logit_correction: float32, same shape as ``ids``, or None: what the sampled-softmax loss
+      subtracts from each column's logit (``log`` of the column's expected inclusion under a
+      non-uniform sampler, 0 for forced labels); None when no correction applies.
   """
   logits: jax.Array
   ids: jax.Array
   valid: jax.Array
   label_slots: jax.Array
   forced_dropped: jax.Array
+  logit_correction: jax.Array | None = None
 
 
 def _make_family(name: str, dim: int, k: int, l: int, range_bits: int | None, bin_size: int):
@@ -98,6 +107,28 @@ class SlideDense(nnx.Module):
       :func:`slidejax.lsh.update_tables` needs for incremental updates; full rebuilds do not.
     backend: where tables are built and queried: ``host`` (Numba through a host callback),
       ``jax`` (pure JAX), ``None`` (host on CPU, jax on accelerators).
+    sampler: where the negatives (the active neurons besides the forced labels) come from:
+      ``lsh`` (the hash tables), ``uniform`` (uniformly random ids, no tables) or ``unigram``
+      (ids drawn by ``(label_counts + 1) ** 0.75``, no tables, with the sampled-softmax
+      ``log q`` correction in :attr:`SlideOutput.logit_correction`).
+    label_counts: float ``[out_features]`` training-label counts (``unigram`` only), stored
+      in the layer (``SamplerCounts``).
+    uniform_share: share of the non-label slots kept for uniform random negatives (``lsh``:
+      a mixture of hashed and uniform negatives; 0 = SLIDE's tables alone).
+    correction: ``none`` or ``logq`` (``lsh`` and ``uniform``): the random fill's columns get
+      the log of their inclusion probability (fill size / neurons outside the forced and
+      table-selected ones) as ``logit_correction``, so the loss sums the selected neurons
+      exactly and estimates the rest of the softmax normalizer from the uniform fill (an
+      unbiased estimate of the full one). ``unigram`` always corrects by its own ``log q``.
+    in_batch_negatives: per-sample mode: every sample's set also takes the batch's labels
+      (after its own, before candidates, as room allows), the negatives that a shared set
+      holds by construction.
+    transform: what the tables hash (``lsh``): ``none`` the kernel rows and the inputs;
+      ``center`` the rows minus their mean row (a query's inner products all change by one
+      amount, so the ranking is kept while rows sharing one direction spread over buckets);
+      ``mips`` the asymmetric transform for maximum inner product search (Neyshabur & Srebro
+      2015): rows ``[w, b] / U`` completed by ``sqrt(1 - |[w, b] / U|^2)`` (``U`` the largest
+      row norm), queries ``[x, 1, 0]``, so the angle a hash sees is monotone in the logit.
   """
 
   def __init__(self, in_features: int, out_features: int, *, hash: str = "simhash",
@@ -106,8 +137,23 @@ class SlideDense(nnx.Module):
                num_active: int = 2048, policy: str = "vanilla", threshold: int = 2,
                mode: str = "shared", insertion: str = "fifo", backend: str | None = None,
                track_codes: bool = False, kernel_init: nnx.Initializer | None = None,
-               dtype=jnp.float32,
+               sampler: str = "lsh", label_counts=None, uniform_share: float = 0.0,
+               correction: str = "none", transform: str = "none",
+               in_batch_negatives: bool = False, dtype=jnp.float32,
                rngs: nnx.Rngs):
+    if sampler not in SAMPLERS:
+      raise ValueError(f"SlideDense: sampler {sampler!r} is not one of {SAMPLERS}")
+    if (sampler == "unigram") != (label_counts is not None):
+      raise ValueError("SlideDense: sampler='unigram' needs label_counts (and only it takes them)")
+    if label_counts is not None and jnp.shape(label_counts) != (out_features,):
+      raise ValueError(f"SlideDense: label_counts must have shape ({out_features},), got "
+                       f"{jnp.shape(label_counts)}")
+    if not 0.0 <= uniform_share <= 1.0:
+      raise ValueError(f"SlideDense: uniform_share must be in [0, 1], got {uniform_share}")
+    if transform not in TRANSFORMS:
+      raise ValueError(f"SlideDense: transform {transform!r} is not one of {TRANSFORMS}")
+    if correction not in CORRECTIONS:
+      raise ValueError(f"SlideDense: correction {correction!r} is not one of {CORRECTIONS}")
     if in_features <= 0 or out_features <= 0:
       raise ValueError(f"SlideDense: sizes must be positive, got {in_features}, {out_features}")
     if policy not in POLICIES:
@@ -133,19 +179,57 @@ class SlideDense(nnx.Module):
     self.insertion = insertion
     self.backend = backend
     self.track_codes = track_codes
-    self.family = _make_family(hash, in_features, k, l, range_bits, bin_size)
+    self.sampler = sampler
+    self.uniform_share = float(uniform_share)
+    self.correction = correction
+    self.in_batch_negatives = in_batch_negatives
+    self.transform = transform
     init = kernel_init or lecun_rows(out_features)   # lecun_normal, drawn in row blocks
     self.kernel = RowParam(init(rngs.params(), (out_features, in_features), dtype))
     self.bias = RowParam(jnp.zeros((out_features,), dtype))
-    self.hash_params = HashParams(self.family.init(rngs.params()))
-    self.tables = HashTables(self._build(rngs.params()))
+    self.label_counts = (SamplerCounts(jnp.asarray(label_counts, jnp.float32))
+                         if sampler == "unigram" else nnx.data(None))
+    if self.uses_tables:
+      hashed_width = in_features + (2 if transform == "mips" else 0)
+      self.family = _make_family(hash, hashed_width, k, l, range_bits, bin_size)
+      self.hash_params = HashParams(self.family.init(rngs.params()))
+      self.tables = HashTables(self._build(rngs.params()))
+    else:   # samplers without hashing: no tables, nothing to rebuild
+      self.family = None
+      self.hash_params = nnx.data(None)
+      self.tables = nnx.data(None)
     self.kernel_delta = nnx.data(None)
     self.bias_delta = nnx.data(None)
     self.active_ids = nnx.data(None)
 
   # -- tables -------------------------------------------------------------------------------
-  def _build(self, key: jax.Array) -> lsh.LSHTables:
+  @property
+  def uses_tables(self) -> bool:
+    """Whether this layer selects through LSH tables (and so needs rebuilds)."""
+    return self.sampler == "lsh" and self.mode != "dense"
+
+  def _hashed_rows(self) -> jax.Array:
+    """float32 ``[N, hashed width]``: what the tables hash for each neuron (see transform)."""
     kernel = self.kernel[...]
+    if self.transform == "center":
+      return kernel - jnp.mean(kernel, axis=0)
+    if self.transform == "mips":
+      rows = jnp.concatenate([kernel, self.bias[...][:, None]], axis=1)
+      sq = jnp.sum(rows * rows, axis=1, keepdims=True)
+      scale = jnp.sqrt(jnp.maximum(jnp.max(sq), 1e-30))
+      return jnp.concatenate([rows, jnp.sqrt(jnp.maximum(1.0 - sq / scale**2, 0.0)) * scale],
+                             axis=1) / scale
+    return kernel
+
+  def hash_codes(self, inputs: jax.Array) -> jax.Array:
+    """int32 ``[B, l]``: the table codes of ``inputs`` ``[B, in_features]``."""
+    if self.transform == "mips":
+      extra = jnp.broadcast_to(jnp.asarray([1.0, 0.0], inputs.dtype), inputs.shape[:-1] + (2,))
+      inputs = jnp.concatenate([inputs, extra], axis=-1)
+    return self.family.codes(self.hash_params.get_value(), inputs)
+
+  def _build(self, key: jax.Array) -> lsh.LSHTables:
+    kernel = self._hashed_rows()
     if (lsh.resolve_backend(self.backend) == "host"
         and not isinstance(kernel, jax.core.Tracer)):   # eager: stream, bounded memory
       return lsh.build_tables_streamed(self.family, self.hash_params.get_value(), kernel,
@@ -158,6 +242,8 @@ class SlideDense(nnx.Module):
 
   def rebuild(self, key: jax.Array, *, redraw: bool = False) -> None:
     """Rebuilds the tables from the current weights; ``redraw`` draws new hash functions."""
+    if not self.uses_tables:
+      return
     build_key, draw_key = jax.random.split(key)
     if redraw:
       self.hash_params.set_value(self.family.init(draw_key))
@@ -165,15 +251,61 @@ class SlideDense(nnx.Module):
 
   # -- forward ------------------------------------------------------------------------------
   def select(self, inputs: jax.Array, *, labels: jax.Array | None, key: jax.Array):
-    """The active set for ``inputs`` ``[B, in]`` (labels ``[B, f]`` forced in, -1 padding)."""
-    codes = self.family.codes(self.hash_params.get_value(), inputs)
+    """The active set for ``inputs`` ``[B, in]`` (labels ``[B, f]`` forced in, -1 padding):
+    an :class:`slidejax.lsh.ActiveSet` (per-sample) or ``SharedActiveSet``."""
     options = dict(num_active=self.num_active, num_neurons=self.out_features, key=key,
-                   policy=self.policy, forced_ids=labels, backend=self.backend)
-    if self.policy == "threshold":
-      options["threshold"] = self.threshold
-    if self.mode == "shared":
-      return lsh.query_shared(self.tables.get_value(), codes, **options)
-    return lsh.query(self.tables.get_value(), codes, **options)
+                   policy=self.policy, threshold=self.threshold, forced_ids=labels,
+                   backend=self.backend, uniform_share=self.uniform_share)
+    shared = self.mode == "shared"
+    if not shared and self.in_batch_negatives and labels is not None:
+      options["preferred_ids"] = labels.reshape(-1)
+    if self.sampler == "lsh":
+      codes = self.hash_codes(inputs)
+      query = lsh.query_shared if shared else lsh.query
+      return query(self.tables.get_value(), codes, **options)
+    draw_key, options["key"] = jax.random.split(key)
+    options.update(policy="vanilla", uniform_share=0.0)
+    rows = 1 if shared else inputs.shape[0]
+    if self.sampler == "uniform":   # no candidates: the random fill draws every negative
+      candidates = jnp.full((rows, 1, 0), -1, jnp.int32)
+    else:
+      cdf = jnp.cumsum(self._unigram_probs())
+      u = jax.random.uniform(draw_key, (rows, 1, self.num_active), jnp.float32) * cdf[-1]
+      candidates = jnp.minimum(jnp.searchsorted(cdf, u, side="right"),
+                               self.out_features - 1).astype(jnp.int32)
+    return (lsh.select_shared if shared else lsh.select)(candidates, **options)
+
+  def _unigram_probs(self) -> jax.Array:
+    """float32 ``[N]``: the unigram sampler's draw probabilities."""
+    weights = (self.label_counts[...] + 1.0) ** UNIGRAM_POWER
+    return weights / jnp.sum(weights)
+
+  def _logit_correction(self, active, slots) -> jax.Array | None:
+    """float32 like ``active.ids``: ``log`` of each column's inclusion probability where the
+    sampler needs a correction (0 for forced labels, selected candidates and padding);
+    None where it needs none."""
+    ids, valid = active.ids, active.valid
+    if self.sampler == "unigram":    # log of the expected inclusion in num_active draws
+      q = jnp.take(self._unigram_probs(), ids, mode="fill", fill_value=1.0)
+      log_incl = jnp.log(-jnp.expm1(self.num_active * jnp.log1p(-jnp.minimum(q, 1 - 1e-7))))
+      width = ids.shape[-1]
+      target = jnp.where(slots >= 0, slots, width)
+      if ids.ndim == 1:
+        forced = jnp.zeros((width,), bool).at[target.reshape(-1)].set(True, mode="drop")
+      else:
+        rows = jnp.arange(ids.shape[0])[:, None]
+        forced = jnp.zeros(ids.shape, bool).at[rows, target].set(True, mode="drop")
+      return jnp.where(forced | ~valid, 0.0, log_incl).astype(jnp.float32)
+    if self.correction == "none":
+      return None
+    # the random fill: a uniform draw of its size from the neurons outside the fixed part
+    fixed = active.num_fixed[..., None]
+    num_random = jnp.sum(valid, axis=-1, keepdims=True) - fixed
+    rest = self.out_features - fixed
+    log_incl = jnp.log(jnp.maximum(num_random, 1).astype(jnp.float32)
+                       / jnp.maximum(rest, 1).astype(jnp.float32))
+    is_fill = (jnp.arange(ids.shape[-1]) >= fixed) & valid
+    return jnp.where(is_fill, log_incl, 0.0).astype(jnp.float32)
 
   def __call__(self, inputs: jax.Array, *, labels: jax.Array | None = None,
                key: jax.Array | None = None) -> SlideOutput:
@@ -196,11 +328,13 @@ class SlideDense(nnx.Module):
       valid = jnp.ones((self.out_features,), bool)
       slots = jnp.where((labels >= 0) & (labels < self.out_features), labels, -1)
       dropped = jnp.zeros((), jnp.int32)
+      correction = None
     else:
       active = self.select(inputs, labels=labels_or_none, key=key)
       ids, valid = active.ids, active.valid
       slots = active.forced_slots if labels_or_none is not None else labels
       dropped = getattr(active, "forced_dropped", jnp.zeros((), jnp.int32))
+      correction = self._logit_correction(active, slots.astype(jnp.int32))
     rows = F.gather_rows(self.kernel[...], ids)
     bias_rows = F.gather_rows(self.bias[...], ids)
     if self.kernel_delta is not None:
@@ -211,7 +345,7 @@ class SlideDense(nnx.Module):
       logits = F.shared_logits(inputs, rows, bias_rows, valid)
     else:
       logits = F.per_sample_logits(inputs, rows, bias_rows, valid)
-    return SlideOutput(logits, ids, valid, slots.astype(jnp.int32), dropped)
+    return SlideOutput(logits, ids, valid, slots.astype(jnp.int32), dropped, correction)
 
   def attach_row_delta(self, batch_size: int) -> None:
     """Prepares row-gradient capture (see :func:`slidejax.train.attach_row_deltas`)."""

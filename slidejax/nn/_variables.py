@@ -31,3 +31,7 @@ class RowDelta(nnx.Variable):
 
 class ActiveIds(nnx.Variable):
   """Row ids a layer gathered in its last forward pass (padding = number of rows)."""
+
+
+class SamplerCounts(nnx.Variable):
+  """Training-label counts a frequency-based negative sampler draws by; not trainable."""

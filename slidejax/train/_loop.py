@@ -68,11 +68,23 @@ class TrainConfig:
   redraw_every: int = 0
   builder: str | None = None
   checkpoint_every: int = 0
+  sampler: str = "lsh"
+  uniform_share: float = 0.0
+  correction: str = "none"
+  transform: str = "none"
+  in_batch_negatives: bool = False
+  probe_every: int = 0   # selection telemetry (slidejax.nn.selection_probe) every n steps
 
   # Fields that shape the model and its state: a checkpoint must agree on all of them.
   STATE_FIELDS = ("hidden", "hash", "k", "l", "bucket_capacity", "range_bits", "num_active",
                   "policy", "mode", "batch_size", "max_features", "max_labels", "dense",
-                  "seed", "lr")
+                  "seed", "lr", "sampler", "uniform_share", "correction", "transform",
+                  "in_batch_negatives")
+
+  @property
+  def uses_tables(self) -> bool:
+    """Whether the run selects through LSH tables (and so rebuilds them)."""
+    return not self.dense and self.sampler == "lsh"
 
   def schedule(self) -> RehashSchedule:
     return RehashSchedule(first=self.rebuild_first, growth=self.rebuild_growth,
@@ -141,15 +153,25 @@ def validate(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | No
     raise TrainingError("batch size and epochs must be positive")
 
 
-def build_model(config: TrainConfig, num_features: int, num_labels: int) -> nnx.Module:
+def build_model(config: TrainConfig, num_features: int, num_labels: int,
+                label_counts=None) -> nnx.Module:
+  """The network of ``config``; ``label_counts`` ``[num_labels]`` feed the unigram sampler."""
   rngs = nnx.Rngs(config.seed)
   if config.dense:
     return DenseMLP(num_features, num_labels, hidden=config.hidden, rngs=rngs)
-  return SlideMLP(num_features, num_labels, hidden=config.hidden, hash=config.hash, k=config.k,
-                  l=config.l, bucket_capacity=config.bucket_capacity,
-                  range_bits=config.range_bits, num_active=config.num_active,
-                  policy=config.policy, threshold=config.threshold, mode=config.mode,
-                  backend=config.builder, rngs=rngs)
+  sampling = dict(sampler=config.sampler, backend=config.builder, policy=config.policy,
+                  threshold=config.threshold, uniform_share=config.uniform_share,
+                  correction=config.correction, transform=config.transform,
+                  in_batch_negatives=config.in_batch_negatives)
+  if config.sampler == "unigram":
+    if label_counts is None:
+      raise TrainingError("the unigram sampler needs the training label counts")
+    sampling["label_counts"] = np.asarray(label_counts, np.float32)
+  if config.sampler == "lsh":
+    sampling.update(hash=config.hash, k=config.k, l=config.l,
+                    bucket_capacity=config.bucket_capacity, range_bits=config.range_bits)
+  return SlideMLP(num_features, num_labels, hidden=config.hidden, num_active=config.num_active,
+                  mode=config.mode, rngs=rngs, **sampling)
 
 
 def evaluate_model(predict, state, data: xcdata.XCData, *, batch_size: int, max_features: int,
@@ -168,6 +190,25 @@ def evaluate_model(predict, state, data: xcdata.XCData, *, batch_size: int, max_
   sub = xcdata.subset(data, rows)
   return metrics.evaluate(top, (sub.label_indptr, sub.label_ids), ks=(1, 3, 5),
                           propensities=propensities)
+
+
+def make_prober(trainer, model, data: xcdata.XCData, *, batch_size: int, max_features: int,
+                max_labels: int, seed: int):
+  """``(state, step) -> dict``: :func:`slidejax.nn.selection_probe` of the model's output
+  layer on a fixed batch (the first ``batch_size`` rows of ``data``)."""
+  from slidejax.nn import selection_probe
+  rows = np.arange(min(batch_size, data.num_points))
+  batch = xcdata.pad_rows(data, rows, max_features=max_features, max_labels=max_labels)
+  key = jax.random.fold_in(jax.random.key(seed), 0x9B0BE)
+
+  def probe(state, step: int) -> dict:
+    trainer.write_back(state)   # the model now reads this state's arrays (no copy)
+    hidden = model.hidden(np.asarray(batch.feature_ids, np.int32),
+                          np.asarray(batch.feature_values, np.float32))
+    return selection_probe(model.output, hidden, np.asarray(batch.label_ids, np.int32),
+                           jax.random.fold_in(key, step))
+
+  return probe
 
 
 def _config_for_checkpoint(config: TrainConfig) -> dict:
@@ -201,17 +242,23 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
   if not config.dense and config.mode == "per_sample" and max_labels > config.num_active:
     raise TrainingError(f"max_labels={max_labels} exceeds num_active={config.num_active}")
   config = dataclasses.replace(config, max_features=max_features, max_labels=max_labels)
-  model = build_model(config, train.num_features, train.num_labels)
+  model = build_model(config, train.num_features, train.num_labels,
+                      xcdata.label_counts(train))
   if config.dense:
     trainer = make_dense_trainer(model, optax.adam(config.lr))
   else:
     trainer = make_sparse_trainer(model, optax.adam(config.lr), optax.adam(config.lr),
                                   batch_size=config.batch_size, max_features=max_features)
   predict = make_predictor(trainer, model, 5)
+  probe = None
+  if config.probe_every and not config.dense:
+    probe = make_prober(trainer, model, test if test is not None else train,
+                        batch_size=config.batch_size, max_features=max_features,
+                        max_labels=max_labels, seed=config.seed)
   step_fn = compile_step(trainer, config.batch_size, max_features, max_labels)
   state = trainer.init()
   position = {"step": 0, "epoch": 0, "batch_index": 0, "train_seconds": 0.0, "rebuilds": 0,
-              "rebuild_seconds": 0.0, "history": []}
+              "rebuild_seconds": 0.0, "history": [], "probes": []}
   last_checkpoint = None
   if resume:
     if not checkpoint_dir:
@@ -287,7 +334,8 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
         pending_losses.append((step + 1, out.loss))
         position["step"] = step + 1
         position["batch_index"] = batch_index + 1
-        rebuild, redraw = (False, False) if config.dense else schedule.is_rebuild_step(step + 1)
+        rebuild, redraw = (schedule.is_rebuild_step(step + 1) if config.uses_tables
+                           else (False, False))
         evaluate = (config.eval_every and position["step"] % config.eval_every == 0
                     and test is not None)
         checkpoint = config.checkpoint_every and position["step"] % config.checkpoint_every == 0
@@ -311,12 +359,20 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
           last_p1 = result["p@1"]
           position["history"].append({"seconds": round(position["train_seconds"], 3),
                                       "step": position["step"], "p@1": last_p1})
+        if probe is not None and position["step"] % config.probe_every == 0:
+          last_probe = probe(state, position["step"])   # outside train_seconds
+          position["probes"].append({"seconds": round(position["train_seconds"], 3),
+                                     "step": position["step"], **last_probe})
         if checkpoint:
           save("interval")
         if bar is not None:
           bar.update(1)
           sps = position["step"] * config.batch_size / max(position["train_seconds"], 1e-9)
-          bar.set_postfix(loss=f"{loss:.3f}", p1=f"{last_p1:.3f}", sps=f"{sps:.0f}",
+          extra = {}
+          if position["probes"]:
+            extra = dict(r10=f"{position['probes'][-1]['recall@10']:.2f}",
+                         tbl=f"{position['probes'][-1]['table_share']:.2f}")
+          bar.set_postfix(loss=f"{loss:.3f}", p1=f"{last_p1:.3f}", sps=f"{sps:.0f}", **extra,
                           refresh=False)
         if config.time_budget and position["train_seconds"] >= config.time_budget:
           stop = True
@@ -363,6 +419,7 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
                                                                      1e-9),
       steps=position["step"], rebuilds=position["rebuilds"],
       rebuild_seconds=position["rebuild_seconds"], history=position["history"],
+      probes=position["probes"],
       config=dataclasses.asdict(config),
       truncation=None if truncation is None else dict(truncation._asdict()
                                                       if hasattr(truncation, "_asdict")

@@ -202,7 +202,7 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
                       lambda s: jnp.zeros(s.shape, s.dtype), nnx.to_pure_dict(deltas_abstract))),
                   state.other)
     for i, (_, layer) in enumerate(sparse_layers(m)):
-      if isinstance(layer, SlideDense) and layer.mode != "dense":
+      if isinstance(layer, SlideDense) and layer.uses_tables:
         if donate:
           for array in layer.tables.get_value():
             if not isinstance(array, jax.core.Tracer):
