@@ -138,15 +138,15 @@ def _select_row(rows, forced_row, preferred, num_neurons, num_active, policy, th
       ids_out[filled] = v
       slots_out[j] = filled
       filled += 1
-  limit = filled + _candidate_room(size, filled, uniform_share)
   for j in range(preferred.shape[0]):        # preferred ids (in order) while room is left
-    if filled >= limit:
+    if filled >= size:
       break
     v = preferred[j]
     if 0 <= v < num_neurons and seen[v] == _UNSEEN:
       seen[v] = filled
       ids_out[filled] = v
       filled += 1
+  limit = filled + _candidate_room(size, filled, uniform_share)
   num_cand = _gather_candidates(rows, num_neurons, seen, cand, hits, 0, num_active)
   eligible = _rank_candidates(cand, hits, num_cand, policy, threshold, num_tables, seed,
                               np.uint64(0))
@@ -180,7 +180,8 @@ def select_per_sample(bucket_rows, forced, preferred, num_neurons, num_active, p
       by the caller, so only these rows cross to the host); forced: int32[B, f].
     preferred: int32[P] ids every row takes after its forced ones, in order, while room is
       left (-1: none; e.g. the batch's labels as in-batch negatives).
-    uniform_share: float share of the non-forced slots kept for uniform random ids.
+    uniform_share: float share of the slots left after forced and preferred ids that is kept
+      for uniform random ids.
     seeds: uint64[B]; num_chunks: rows are split into this many parallel chunks (threads).
   Returns:
     ids int32[B, num_active], valid bool[B, num_active], forced_slots int32[B, f],

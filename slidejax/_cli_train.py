@@ -31,8 +31,8 @@ def add_parser(subparsers) -> None:
                       "unigram always corrects) (default: %(default)s)")
   p.add_argument("--num-active", type=int, default=2048)
   p.add_argument("--mode", choices=("shared", "per_sample"), default="shared")
-  p.add_argument("--in-batch-negatives", action="store_true",
-                 help="per_sample: each sample's set also takes the batch's labels")
+  p.add_argument("--no-in-batch-negatives", dest="in_batch_negatives", action="store_false",
+                 help="per_sample: do not add the batch's labels to each sample's set")
   p.add_argument("--probe-every", type=int, default=0, metavar="STEPS",
                  help="selection telemetry every N steps (recall of the exact top logits in "
                       "the active set, table share, bucket occupancy; not timed)")
@@ -81,7 +81,8 @@ def add_hash_options(p) -> None:
   p.add_argument("--policy", choices=("vanilla", "topk", "threshold", "sample_topk"),
                  help="how candidates are chosen (default: vanilla)")
   p.add_argument("--uniform-share", type=float,
-                 help="share of the non-label slots kept for uniform random negatives")
+                 help="share of the non-label slots kept for uniform random negatives "
+                      "(default: 0.5; 0 = the tables alone, as in SLIDE)")
   p.add_argument("--transform", choices=("none", "center", "mips"),
                  help="what the tables hash: the rows as they are, centered, or the "
                       "asymmetric MIPS transform (default: none)")

@@ -59,3 +59,35 @@ def test_label_scaling_reports_ratios(tmp_path):
   assert cli_main(["bench", "small", "--label-scaling", "10000000"]) == 2
   assert cli_main(["bench", "custom", "--features", "300", "--labels", "400", "--modes",
                    "shared:32", "--label-scaling", "10"]) == 2     # no mode fits 10 labels
+
+
+def test_time_to_accuracy_compares_every_sampler_with_uniform(tmp_path):
+  from slidejax import data as xcdata
+  trn, tst = xcdata.synthesize_split(num_points=900, num_features=200, num_labels=300,
+                                     avg_nnz=8, avg_labels=2, seed=0)
+  paths = []
+  for name, part in (("trn", trn), ("tst", tst)):
+    paths.append(tmp_path / f"{name}.txt")
+    xcdata.write_xc(paths[-1], part)
+  out = tmp_path / "tta.json"
+  code = cli_main(["bench", "--time-to-accuracy", "--train", str(paths[0]), "--test",
+                   str(paths[1]), "--runs", "dense,uniform,unigram,lsh,lsh:per_sample",
+                   "--num-active", "64", "--per-sample-active", "32", "--epochs", "2",
+                   "--hidden", "8", "--eval-every", "5", "--eval-points", "100", "--l", "4",
+                   "--probe-every", "5", "--rebuild-first", "5", "--plot", "", "--json",
+                   str(out)])
+  assert code == 0
+  result = json.loads(out.read_text())
+  assert set(result["runs"]) == {"dense", "uniform", "unigram", "lsh", "lsh:per_sample"}
+  assert result["target_p@1"] == result["runs"]["uniform"]["p@1"]
+  lsh = result["runs"]["lsh"]
+  assert lsh["rebuilds"] > 0 and result["runs"]["uniform"]["rebuilds"] == 0
+  assert lsh["config"]["l"] == 4 and result["runs"]["lsh:per_sample"]["config"]["num_active"] == 32
+  for entry in result["runs"].values():
+    reached = entry["seconds_to_target"]
+    first = next((p["seconds"] for p in entry["history"] if p["p@1"] >= result["target_p@1"]),
+                 None)
+    assert reached == first
+  assert lsh["probes"] and 0 <= lsh["probes"][-1]["recall@10"] <= 1
+  assert "table_share" in lsh["probes"][-1] and not result["runs"]["dense"].get("probes")
+  assert cli_main(["bench", "--time-to-accuracy", "--runs", "uniform,sideways"]) == 2

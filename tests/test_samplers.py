@@ -156,6 +156,7 @@ def test_probe_numbers_follow_their_definitions():
   rows = -np.ones((num, 8), np.float32)
   rows[:100] = 1.0
   biased = nn.SlideDense(8, num, num_active=100, l=8, transform="center", policy="topk",
+                         uniform_share=0.0,
                          rngs=nnx.Rngs(0),
                          kernel_init=lambda key, shape, dtype: jnp.asarray(rows))
   probe = nn.selection_probe(biased, h, labels, jax.random.key(0))
@@ -212,8 +213,7 @@ def test_logq_correction_weights_the_random_fill_by_its_inclusion(sampler, mode)
 @pytest.mark.parametrize("backend", lsh.BACKENDS)
 def test_in_batch_negatives_put_the_batch_labels_in_every_row(backend):
   num, m = 5000, 64
-  layer = _layer(num, m, mode="per_sample", sampler="uniform", in_batch_negatives=True,
-                 backend=backend)
+  layer = _layer(num, m, mode="per_sample", sampler="uniform", backend=backend)
   labels = jnp.array([[10, 11], [12, -1], [13, 10], [4000, -1]], jnp.int32)
   h = jnp.ones((4, 8), jnp.float32)
   out = layer(h, labels=labels, key=jax.random.key(0))
@@ -222,7 +222,8 @@ def test_in_batch_negatives_put_the_batch_labels_in_every_row(backend):
     for j, y in enumerate(np.asarray(labels)[b]):   # own labels still at their loss slots
       if y >= 0:
         assert row[np.asarray(out.label_slots)[b, j]] == y
-  without = _layer(num, m, mode="per_sample", sampler="uniform", backend=backend)
+  without = _layer(num, m, mode="per_sample", sampler="uniform", backend=backend,
+                   in_batch_negatives=False)
   rows = np.asarray(without(h, labels=labels, key=jax.random.key(0)).ids)
   assert not all({10, 11, 12, 13, 4000} <= set(r.tolist()) for r in rows)
 
@@ -246,3 +247,18 @@ def test_mips_transform_turns_logits_into_angles():
   assert ratio[0, 0] > 0
   codes = layer.hash_codes(jnp.asarray(q))
   assert codes.shape == (3, 4)
+
+
+def test_sigmoid_loss_is_binary_cross_entropy_over_the_active_set(strict_promotion):
+  logits = jnp.array([[2.0, -1.0, 0.5, nn.PAD_LOGIT], [0.0, 1.0, -2.0, nn.PAD_LOGIT]],
+                     jnp.float32)
+  out = nn.SlideOutput(logits, jnp.array([3, 7, 9, 20], jnp.int32),
+                       jnp.array([True, True, True, False]),
+                       jnp.array([[0, -1], [2, 2]], jnp.int32), jnp.zeros((), jnp.int32))
+  def bce(x, y):
+    return np.log1p(np.exp(-x)) if y else np.log1p(np.exp(x))
+  row0 = bce(2.0, 1) + bce(-1.0, 0) + bce(0.5, 0)
+  row1 = bce(0.0, 0) + bce(1.0, 0) + bce(-2.0, 1)
+  np.testing.assert_allclose(nn.sampled_sigmoid_loss(out), (row0 + row1) / 2, rtol=1e-6)
+  weight = jnp.array([1.0, 0.0], jnp.float32)          # a padding row does not count
+  np.testing.assert_allclose(nn.sampled_sigmoid_loss(out, weight), row0, rtol=1e-6)

@@ -11,8 +11,8 @@ are the ids stored in the buckets the sample falls in, chosen by ``policy``:
   * ``sample_topk`` (batch-shared; per-sample it is ``topk``): each sample ranks its own
     candidates by its own table hits; the batch takes them rank by rank over the samples.
 
-``uniform_share`` of the slots left after the forced ids is kept for uniform random ids (a
-mixture of LSH and uniform negatives); room left is filled with random ids not already chosen.
+``uniform_share`` of the slots left after the forced (and preferred) ids is kept for uniform
+random ids (a mixture of LSH and uniform negatives); room left is filled with random ids not already chosen.
 
 ``select``/``select_shared`` take the candidates directly (int32 ``[B, l, c]``, -1 none):
 :func:`query` and :func:`query_shared` pass each sample's buckets, samplers without hashing
@@ -153,8 +153,8 @@ def _select_jax(forced, cand, fill, key, size, num_neurons, policy, threshold, u
   score = jnp.where(kind == _FORCED, _FORCED_SCORE * (1.0 + noise), score)
   score = jnp.where(first & (ids < num_neurons), score, -jnp.inf)
   if uniform_share > 0.0:   # keep a share of the room for fill: demote the weaker proposals
-    is_cand = ((kind == _PREFERRED) | (kind == _CANDIDATE)) & (score >= _CAND_SCORE)
-    num_forced = jnp.sum(first & (kind == _FORCED) & (ids < num_neurons))
+    is_cand = (kind == _CANDIDATE) & (score >= _CAND_SCORE)
+    num_forced = jnp.sum(first & (kind <= _PREFERRED) & (ids < num_neurons))
     room = size - jnp.minimum(num_forced, size)
     budget = room - jnp.floor(room * uniform_share + 0.5).astype(room.dtype)
     best = jax.lax.top_k(jnp.where(is_cand, score, -jnp.inf), size)[0]
@@ -236,8 +236,9 @@ def select(candidates: jax.Array, *, num_active: int, num_neurons: int, key: jax
   :func:`query` (which passes each sample's ``l`` buckets).
 
   ``preferred_ids`` int32 ``[P]`` (-1 padding) go into every row after its forced ids and
-  before its candidates, in random order, as far as the room left for candidates allows
-  (e.g. the batch's labels: the in-batch negatives a shared set has by construction).
+  before its candidates, in random order, as far as room is left (e.g. the batch's labels:
+  the in-batch negatives a shared set has by construction); ``uniform_share`` applies to the
+  room left after them.
   """
   batch = candidates.shape[0]
   forced = _check_args(candidates, num_active, num_neurons, policy, forced_ids, True,

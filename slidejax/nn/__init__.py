@@ -16,6 +16,7 @@ from slidejax.nn._init import row_chunked
 from slidejax.nn._models import DenseMLP
 from slidejax.nn._models import SlideMLP
 from slidejax.nn._models import dense_softmax_loss
+from slidejax.nn._models import sampled_sigmoid_loss
 from slidejax.nn._models import sampled_softmax_loss
 from slidejax.nn._probe import selection_probe
 from slidejax.nn._slide_dense import SAMPLERS

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slidejax.nn._functional import softmax_cross_entropy
+from slidejax.nn._functional import target_distribution
 from slidejax.nn._functional import top_k_chunked
 from slidejax.nn._init import lecun_rows
 from slidejax.nn._slide_dense import SlideDense
@@ -49,6 +50,21 @@ def sampled_softmax_loss(out: SlideOutput, sample_weight: jax.Array | None = Non
   if out.logit_correction is not None:   # the sampler's log-q correction (see SlideOutput)
     logits = logits - out.logit_correction
   return softmax_cross_entropy(logits, out.label_slots, sample_weight)
+
+
+def sampled_sigmoid_loss(out: SlideOutput, sample_weight: jax.Array | None = None) -> jax.Array:
+  """One-vs-all loss over the active set: binary cross-entropy of every active neuron, target
+  1 for the sample's labels and 0 for the rest, summed over the set, averaged over samples
+  (rows without labels count: all their active neurons are negatives; padding rows do not).
+  The sampler's ``logit_correction`` is not used: each neuron is its own binary problem."""
+  logits = out.logits
+  targets = (target_distribution(out.label_slots, logits.shape[1]) > 0).astype(logits.dtype)
+  valid = jnp.broadcast_to(out.valid, logits.shape)
+  per_neuron = jax.nn.softplus(logits) - targets * logits
+  per_sample = jnp.sum(jnp.where(valid, per_neuron, 0.0), axis=1)
+  weight = (jnp.ones(logits.shape[:1], logits.dtype) if sample_weight is None
+            else sample_weight.astype(logits.dtype))
+  return jnp.sum(per_sample * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
 def dense_softmax_loss(logits: jax.Array, label_ids: jax.Array,

@@ -114,7 +114,8 @@ class SlideDense(nnx.Module):
     label_counts: float ``[out_features]`` training-label counts (``unigram`` only), stored
       in the layer (``SamplerCounts``).
     uniform_share: share of the non-label slots kept for uniform random negatives (``lsh``:
-      a mixture of hashed and uniform negatives; 0 = SLIDE's tables alone).
+      a mixture of hashed and uniform negatives; 0 = SLIDE's tables alone). The default 0.5
+      won the selection screening (README: Selection).
     correction: ``none`` or ``logq`` (``lsh`` and ``uniform``): the random fill's columns get
       the log of their inclusion probability (fill size / neurons outside the forced and
       table-selected ones) as ``logit_correction``, so the loss sums the selected neurons
@@ -137,9 +138,9 @@ class SlideDense(nnx.Module):
                num_active: int = 2048, policy: str = "vanilla", threshold: int = 2,
                mode: str = "shared", insertion: str = "fifo", backend: str | None = None,
                track_codes: bool = False, kernel_init: nnx.Initializer | None = None,
-               sampler: str = "lsh", label_counts=None, uniform_share: float = 0.0,
+               sampler: str = "lsh", label_counts=None, uniform_share: float = 0.5,
                correction: str = "none", transform: str = "none",
-               in_batch_negatives: bool = False, dtype=jnp.float32,
+               in_batch_negatives: bool = True, dtype=jnp.float32,
                rngs: nnx.Rngs):
     if sampler not in SAMPLERS:
       raise ValueError(f"SlideDense: sampler {sampler!r} is not one of {SAMPLERS}")

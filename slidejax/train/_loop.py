@@ -69,16 +69,17 @@ class TrainConfig:
   builder: str | None = None
   checkpoint_every: int = 0
   sampler: str = "lsh"
-  uniform_share: float = 0.0
+  uniform_share: float = 0.5
   correction: str = "none"
   transform: str = "none"
-  in_batch_negatives: bool = False
+  in_batch_negatives: bool = True
+  loss: str = "softmax"   # or "sigmoid": one-vs-all over the active set
   probe_every: int = 0   # selection telemetry (slidejax.nn.selection_probe) every n steps
 
   # Fields that shape the model and its state: a checkpoint must agree on all of them.
   STATE_FIELDS = ("hidden", "hash", "k", "l", "bucket_capacity", "range_bits", "num_active",
                   "policy", "mode", "batch_size", "max_features", "max_labels", "dense",
-                  "seed", "lr", "sampler", "uniform_share", "correction", "transform",
+                  "seed", "lr", "sampler", "uniform_share", "correction", "transform", "loss",
                   "in_batch_negatives")
 
   @property
@@ -247,8 +248,11 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
   if config.dense:
     trainer = make_dense_trainer(model, optax.adam(config.lr))
   else:
+    from slidejax import nn
+    loss = {"softmax": nn.sampled_softmax_loss, "sigmoid": nn.sampled_sigmoid_loss}[config.loss]
     trainer = make_sparse_trainer(model, optax.adam(config.lr), optax.adam(config.lr),
-                                  batch_size=config.batch_size, max_features=max_features)
+                                  batch_size=config.batch_size, max_features=max_features,
+                                  loss=loss)
   predict = make_predictor(trainer, model, 5)
   probe = None
   if config.probe_every and not config.dense:

@@ -108,7 +108,8 @@ class SparseTrainer(NamedTuple):
 
 def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformation,
                         row_tx: optax.GradientTransformation, *, batch_size: int,
-                        max_features: int, donate: bool = True) -> SparseTrainer:
+                        max_features: int, donate: bool = True,
+                        loss: Callable[..., jax.Array] = sampled_softmax_loss) -> SparseTrainer:
   """Builds a jitted row-sparse training step for ``model``.
 
   Args:
@@ -116,7 +117,9 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
     dense_tx: optax transformation for the ordinary parameters.
     row_tx: an elementwise optax transformation, applied row-sparsely to each RowParam group.
     batch_size, max_features: the fixed batch shape (``[B, F]`` feature arrays).
+    loss: ``(SlideOutput, sample_weight) -> scalar`` (default: the sampled softmax).
   """
+  objective = loss
   attach_row_deltas(model, batch_size, max_features)
   layers = sparse_layers(model)
   graphdef, rows0, dense0, deltas0, other0 = nnx.split(model, RowParam, nnx.Param, RowDelta, ...)
@@ -153,9 +156,9 @@ def make_sparse_trainer(model: nnx.Module, dense_tx: optax.GradientTransformatio
       m = nnx.merge(graphdef, rows_state, _to_state(dense_abstract, dense_pure),
                     _to_state(deltas_abstract, deltas_pure), other)
       out = m(batch.feature_ids, batch.feature_values, labels=batch.label_ids, key=key)
-      loss = sampled_softmax_loss(out, weight)
+      value = objective(out, weight)
       *_, new_other = nnx.split(m, RowParam, nnx.Param, RowDelta, ...)
-      return loss, (new_other, out.forced_dropped)
+      return value, (new_other, out.forced_dropped)
 
     zero_deltas = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                nnx.to_pure_dict(deltas_abstract))
