@@ -98,7 +98,8 @@ class SlideDense(nnx.Module):
     range_bits: bits of a table's bucket id (``None``: sized so a bucket holds about
       ``bucket_capacity`` neurons, see :func:`slidejax.lsh.default_range_bits`).
     num_active: active neurons per sample (per-sample mode) or per batch (shared mode).
-    policy: ``vanilla`` | ``topk`` | ``threshold`` (found in at least ``threshold`` tables).
+    policy: ``vanilla`` | ``topk`` | ``threshold`` (found in at least ``threshold`` tables) |
+      ``sample_topk`` (shared: each sample's best candidates, merged); see :mod:`slidejax.lsh`.
     mode: ``shared`` (one active set per batch: a dense matrix product), ``per_sample`` or
       ``dense`` (every neuron: the exact reference).
     insertion: ``fifo`` | ``reservoir`` bucket insertion.
@@ -115,7 +116,7 @@ class SlideDense(nnx.Module):
       in the layer (``SamplerCounts``).
     uniform_share: share of the non-label slots kept for uniform random negatives (``lsh``:
       a mixture of hashed and uniform negatives; 0 = SLIDE's tables alone). The default 0.5
-      won the selection screening (README: Selection).
+      was the best LSH setting of the selection screening (README: Selection).
     correction: ``none`` or ``logq`` (``lsh`` and ``uniform``): the random fill's columns get
       the log of their inclusion probability (fill size / neurons outside the forced and
       table-selected ones) as ``logit_correction``, so the loss sums the selected neurons

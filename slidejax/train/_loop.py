@@ -233,7 +233,9 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
 
   Returns a dictionary with ``p@1``, ``p@3``, ``p@5``, ``ndcg@5`` (and more metrics),
   ``train_seconds``, ``samples_per_second``, ``steps``, ``rebuilds``, ``rebuild_seconds``,
-  ``history`` (``{seconds, step, p@1}`` per evaluation), ``config`` and ``truncation``.
+  ``history`` (``{seconds, step, p@1}`` per evaluation), ``probes`` (selection telemetry every
+  ``config.probe_every`` steps, see :func:`slidejax.nn.selection_probe`), ``config`` and
+  ``truncation``.
   Raises TrainingError (bad input), CheckpointError, TrainingDiverged (NaN/inf loss).
   """
   validate(config, train, test)
