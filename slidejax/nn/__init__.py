@@ -28,4 +28,4 @@ from slidejax.nn._variables import HashParams
 from slidejax.nn._variables import HashTables
 from slidejax.nn._variables import RowDelta
 from slidejax.nn._variables import RowParam
-from slidejax.nn._variables import SamplerCounts
+from slidejax.nn._variables import SamplerCDF

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from slidejax import lsh
@@ -16,7 +17,7 @@ from slidejax.nn._variables import HashParams
 from slidejax.nn._variables import HashTables
 from slidejax.nn._variables import RowDelta
 from slidejax.nn._variables import RowParam
-from slidejax.nn._variables import SamplerCounts
+from slidejax.nn._variables import SamplerCDF
 
 HASH_FAMILIES = ("simhash", "wta", "dwta", "minhash")
 POLICIES = lsh.POLICIES
@@ -47,6 +48,13 @@ class SlideOutput(NamedTuple):
   label_slots: jax.Array
   forced_dropped: jax.Array
   logit_correction: jax.Array | None = None
+
+
+def unigram_cdf(label_counts) -> jax.Array:
+  """float32 ``[N]``: cumulative draw probabilities ``(counts + 1) ** 0.75``, normalised (in
+  float64, then stored as float32)."""
+  weights = (np.asarray(label_counts, np.float64) + 1.0) ** UNIGRAM_POWER
+  return jnp.asarray(np.cumsum(weights) / np.sum(weights), jnp.float32)
 
 
 def _make_family(name: str, dim: int, k: int, l: int, range_bits: int | None, bin_size: int):
@@ -113,7 +121,8 @@ class SlideDense(nnx.Module):
       (ids drawn by ``(label_counts + 1) ** 0.75``, no tables, with the sampled-softmax
       ``log q`` correction in :attr:`SlideOutput.logit_correction`).
     label_counts: float ``[out_features]`` training-label counts (``unigram`` only), stored
-      in the layer (``SamplerCounts``).
+      in the layer as the cumulative distribution of its draws (``SamplerCDF``), computed
+      once, so a step draws and corrects by gathers alone (nothing O(out_features)).
     uniform_share: share of the non-label slots kept for uniform random negatives (``lsh``:
       a mixture of hashed and uniform negatives; 0 = SLIDE's tables alone). The default 0.5
       was the best LSH setting of the selection screening (README: Selection).
@@ -189,8 +198,8 @@ class SlideDense(nnx.Module):
     init = kernel_init or lecun_rows(out_features)   # lecun_normal, drawn in row blocks
     self.kernel = RowParam(init(rngs.params(), (out_features, in_features), dtype))
     self.bias = RowParam(jnp.zeros((out_features,), dtype))
-    self.label_counts = (SamplerCounts(jnp.asarray(label_counts, jnp.float32))
-                         if sampler == "unigram" else nnx.data(None))
+    self.sampler_cdf = (SamplerCDF(unigram_cdf(label_counts)) if sampler == "unigram"
+                        else nnx.data(None))
     if self.uses_tables:
       hashed_width = in_features + (2 if transform == "mips" else 0)
       self.family = _make_family(hash, hashed_width, k, l, range_bits, bin_size)
@@ -271,16 +280,20 @@ class SlideDense(nnx.Module):
     if self.sampler == "uniform":   # no candidates: the random fill draws every negative
       candidates = jnp.full((rows, 1, 0), -1, jnp.int32)
     else:
-      cdf = jnp.cumsum(self._unigram_probs())
+      cdf = self.sampler_cdf[...]
       u = jax.random.uniform(draw_key, (rows, 1, self.num_active), jnp.float32) * cdf[-1]
       candidates = jnp.minimum(jnp.searchsorted(cdf, u, side="right"),
                                self.out_features - 1).astype(jnp.int32)
     return (lsh.select_shared if shared else lsh.select)(candidates, **options)
 
-  def _unigram_probs(self) -> jax.Array:
-    """float32 ``[N]``: the unigram sampler's draw probabilities."""
-    weights = (self.label_counts[...] + 1.0) ** UNIGRAM_POWER
-    return weights / jnp.sum(weights)
+  def _unigram_probs(self, ids: jax.Array) -> jax.Array:
+    """float32 like ``ids``: the unigram sampler's draw probability of each id (1 for the
+    padding id), from the stored CDF by two gathers."""
+    cdf = self.sampler_cdf[...]
+    upper = jnp.take(cdf, ids, mode="fill", fill_value=1.0)
+    lower = jnp.where(ids > 0, jnp.take(cdf, jnp.maximum(ids - 1, 0), mode="fill",
+                                        fill_value=1.0), 0.0)
+    return jnp.where(ids < self.out_features, upper - lower, 1.0)
 
   def _logit_correction(self, active, slots) -> jax.Array | None:
     """float32 like ``active.ids``: ``log`` of each column's inclusion probability where the
@@ -288,7 +301,7 @@ class SlideDense(nnx.Module):
     None where it needs none."""
     ids, valid = active.ids, active.valid
     if self.sampler == "unigram":    # log of the expected inclusion in num_active draws
-      q = jnp.take(self._unigram_probs(), ids, mode="fill", fill_value=1.0)
+      q = self._unigram_probs(ids)
       log_incl = jnp.log(-jnp.expm1(self.num_active * jnp.log1p(-jnp.minimum(q, 1 - 1e-7))))
       width = ids.shape[-1]
       target = jnp.where(slots >= 0, slots, width)

@@ -33,5 +33,6 @@ class ActiveIds(nnx.Variable):
   """Row ids a layer gathered in its last forward pass (padding = number of rows)."""
 
 
-class SamplerCounts(nnx.Variable):
-  """Training-label counts a frequency-based negative sampler draws by; not trainable."""
+class SamplerCDF(nnx.Variable):
+  """Cumulative draw probabilities of a frequency-based negative sampler (from the training
+  label counts); not trainable."""
