@@ -29,24 +29,20 @@ def main() -> None:
   model = nn.SlideMLP(s.features, s.labels, hidden=s.hidden, num_active=2048, rngs=nnx.Rngs(0))
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(f"{'model + tables':>22}: {rss()}   (parameters + Adam: {12 * params / 2**20:.0f} MB)")
-  trainer = train.make_sparse_trainer(model, optax.adam(1e-4), optax.adam(1e-4),
-                                      batch_size=s.batch_size, max_features=s.max_features)
-  step = train.compile_step(trainer, s.batch_size, s.max_features, batches[0].label_ids.shape[1])
+  trainer = train.Trainer(model, optax.adam(1e-4))
+  print(f"{'optimizer (Adam)':>22}: {rss()}")
+  trainer.compile(s.batch_size, s.max_features, batches[0].label_ids.shape[1])
   print(f"{'step compiled':>22}: {rss()}")
-  state = trainer.init()
-  print(f"{'trainer init (Adam)':>22}: {rss()}")
   for i in range(10):
-    state, out = step(state, batches[i % 2], jax.random.key(i))
+    out = trainer.step(batches[i % 2])
   out.loss.block_until_ready()
   print(f"{'10 steps':>22}: {rss()}")
-  state = trainer.rebuild(state, jax.random.key(1))
-  jax.block_until_ready(state.other)
+  trainer.rebuild()
   print(f"{'rebuild':>22}: {rss()}")
   for i in range(10):
-    state, out = step(state, batches[i % 2], jax.random.key(i))
+    out = trainer.step(batches[i % 2])
   out.loss.block_until_ready()
   print(f"{'10 more steps':>22}: {rss()}")
-
 
 if __name__ == "__main__":
   main()

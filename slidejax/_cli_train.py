@@ -52,6 +52,10 @@ def add_parser(subparsers) -> None:
   p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory")
   p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
   p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
+  p.add_argument("--save", metavar="DIR",
+                 help="save the trained model to DIR (a new or empty directory): an orbax "
+                      "checkpoint plus model.json (architecture, every resolved option, the "
+                      "training label counts); use it with `slidejax predict` / `evaluate`")
   p.add_argument("--mesh", metavar="SPEC",
                  help="shard the output layer over a device mesh, e.g. data=2,model=4 "
                       "(see README: Scaling out)")
@@ -142,10 +146,32 @@ def _provide_cpu_devices(mesh_spec: str) -> None:
   jax.config.update("jax_num_cpu_devices", math.prod(distributed.parse_mesh(mesh_spec).values()))
 
 
+def _check_save_dir(path: str | None) -> None:
+  """Refuses a --save target that exists and is not an empty directory (before training)."""
+  if path is None:
+    return
+  target = pathlib.Path(path)
+  if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    raise ValueError(f"--save {path}: exists and is not an empty directory")
+
+
+def _save_model(model, path: str, train, result: dict) -> None:
+  import numpy as np
+
+  from slidejax import checkpoint
+  from slidejax import data as xcdata
+  counts = np.asarray(xcdata.label_counts(train)).astype(int).tolist()
+  checkpoint.save(model, path, metadata={
+      "train_config": result["config"], "label_counts": counts,
+      "num_train_points": int(train.num_points)}, overwrite=True)
+
+
 def run(args) -> int:
+  from slidejax import checkpoint
   from slidejax import data as xcdata
   from slidejax import train as training
   try:
+    _check_save_dir(args.save)
     if args.mesh:
       _provide_cpu_devices(args.mesh)
     train, test, source = load_data(args)
@@ -156,15 +182,19 @@ def run(args) -> int:
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if args.mesh:
       from slidejax import distributed
-      if args.checkpoint or args.resume:
-        raise training.TrainingError("--checkpoint/--resume are not supported with --mesh yet")
+      if args.checkpoint or args.resume or args.save:
+        raise training.TrainingError(
+            "--checkpoint/--resume/--save are not supported with --mesh yet")
       result = distributed.train_sharded(config, train, test, args.mesh,
                                          progress=not args.no_progress, log=log)
     else:
       result = training.fit(config, train, test, checkpoint_dir=args.checkpoint,
                             resume=args.resume, progress=not args.no_progress, log=log)
-  except (xcdata.XCFormatError, training.TrainingError, training.CheckpointError,
-          ValueError, OSError) as err:
+    if args.save:
+      _save_model(result["model"], args.save, train, result)
+      log(f"model saved to {args.save}")
+  except (xcdata.XCFormatError, training.TrainingError, checkpoint.CheckpointError,
+          checkpoint.ModelFileError, ValueError, OSError) as err:
     print(f"slidejax train: error: {err}", file=sys.stderr)
     return 2
   except training.TrainingDiverged as err:

@@ -37,6 +37,7 @@ _COMMAND_MODULES = (
     "slidejax._cli_data",
     "slidejax._cli_train",
     "slidejax._cli_bench",
+    "slidejax._cli_predict",
 )
 
 

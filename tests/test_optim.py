@@ -1,4 +1,6 @@
 """Row-sparse optimizer: equal to the dense optax update on touched rows, others untouched."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,21 +82,120 @@ def test_sum_duplicate_rows():
   assert int(jnp.sum(uids < 9)) == 2
 
 
-def test_jit_with_donation_keeps_shapes():
+def _wide_instructions(hlo: str, shape: str) -> list[str]:
+  """What every instruction of ``hlo`` yielding a whole ``shape`` array is: "parameter",
+  "scatter" (rows written in place) or the instruction itself (a dense copy or update)."""
+  kinds = []
+  for line in hlo.splitlines():
+    if f"= {shape}" not in line or "ENTRY" in line:
+      continue
+    name = line.split("=")[0]
+    kinds.append("parameter" if " parameter(" in line else
+                 "scatter" if " scatter(" in line or "scatter" in name else line.strip()[:160])
+  return kinds
+
+
+def _aliased_inputs(hlo: str) -> set[int]:
+  """Entry parameters that an output may share its buffer with (donated, used in place)."""
+  header = next(line for line in hlo.splitlines() if line.startswith("HloModule"))
+  return {int(i) for i in re.findall(r"\((\d+), \{\}, may-alias\)", header)}
+
+
+def test_jit_with_donation_updates_rows_in_place():
   params = _params(jax.random.key(2), num_rows=1000, width=8)
   tx = optim.row_sparse(optax.adam(1e-3))
   state = tx.init(params)
+  ids = jnp.array([1, 2, 3, 2, 1000], jnp.int32)     # a duplicate and one padding id
+  g = {"kernel": jax.random.normal(jax.random.key(3), (5, 8)),
+       "bias": jax.random.normal(jax.random.key(4), (5,))}
 
-  @jax.jit
   def step(params, state, ids, g):
     upd, uids, state = tx.update(g, state, params, row_ids=ids)
     return optim.apply_row_updates(params, uids, upd), state
 
-  step = jax.jit(step.__wrapped__ if hasattr(step, "__wrapped__") else step, donate_argnums=(0, 1))
-  ids = jnp.array([1, 2, 3], jnp.int32)
-  g = {"kernel": jnp.ones((3, 8)), "bias": jnp.ones((3,))}
-  new_params, state = step(params, state, ids, g)
-  assert new_params["kernel"].shape == (1000, 8)
+  want_params, want_state = jax.jit(step)(params, state, ids, g)       # not donated
+  before = jax.tree.map(np.array, params)
+  donated = jax.jit(step, donate_argnums=(0, 1))
+  hlo = donated.lower(params, state, ids, g).compile().as_text()
+  donated_leaves = jax.tree.leaves((params, state))
+  assert _aliased_inputs(hlo) == set(range(len(donated_leaves)))     # ids and g: not donated
+  # the kernel and Adam's two moments: only written row by row, never formed densely
+  assert sorted(set(_wide_instructions(hlo, "f32[1000,8]"))) == ["parameter", "scatter"]
+  pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(params)]
+  mu_pointer = state.inner_state[0].mu["kernel"].unsafe_buffer_pointer()
+  new_params, new_state = donated(params, state, ids, g)
+  assert all(x.is_deleted() for x in donated_leaves)
+  assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(new_params)] == pointers
+  assert new_state.inner_state[0].mu["kernel"].unsafe_buffer_pointer() == mu_pointer
+  for got, want in zip(jax.tree.leaves((new_params, new_state)),
+                       jax.tree.leaves((want_params, want_state))):
+    np.testing.assert_array_equal(got, want)
+  # and correct: dense optax on the dense gradient (duplicates summed, padding dropped)
+  dense_tx = optax.adam(1e-3)
+  dense_params = {k: jnp.asarray(v) for k, v in before.items()}
+  dense_upd, _ = dense_tx.update(_dense_grads(dense_params, ids, g),
+                                 dense_tx.init(dense_params), dense_params)
+  dense_params = optax.apply_updates(dense_params, dense_upd)
+  touched = np.isin(np.arange(1000), [1, 2, 3])
+  for leaf in ("kernel", "bias"):
+    got = np.asarray(new_params[leaf])
+    np.testing.assert_allclose(got[touched], dense_params[leaf][touched], rtol=1e-6)
+    np.testing.assert_array_equal(got[~touched], before[leaf][~touched])
+    assert np.all(got[touched] != before[leaf][touched])
+
+
+def test_optimizer_under_donating_nnx_jit_updates_the_model_in_place():
+  from flax import nnx
+
+  import slidejax
+  from slidejax import nn
+  num_labels, features = 997, 300
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(0, features, (8, 6)), jnp.int32)
+  values = jnp.asarray(rng.random((8, 6)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, num_labels, (8, 2)), jnp.int32)
+  key = jax.random.key(3)
+
+  def make_model():
+    return nn.SlideMLP(features, num_labels, hidden=24, l=4, num_active=32, rngs=nnx.Rngs(0))
+
+  def loss_fn(model):
+    return nn.sampled_softmax_loss(model(ids, values, labels=labels, key=key))
+
+  @nnx.jit(donate_argnums=(0, 1))
+  def step(model, optimizer):
+    loss, grads = slidejax.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  model = make_model()
+  optimizer = optim.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+  wide = _wide_instructions(step.lower(model, optimizer).compile().as_text(), "f32[997,24]")
+  assert set(wide) == {"parameter", "scatter"}, wide     # kernel, mu, nu: row scatters only
+  old_kernel = model.output.kernel.get_value()
+  before = np.array(old_kernel)
+  pointer = old_kernel.unsafe_buffer_pointer()
+  old_mu = optimizer.opt_state[0].mu["output"]["kernel"].get_value()
+  old_embed = model.embed.kernel.get_value()
+  step(model, optimizer)
+  assert old_kernel.is_deleted() and old_mu.is_deleted() and old_embed.is_deleted()
+  new_kernel = model.output.kernel.get_value()
+  assert new_kernel.unsafe_buffer_pointer() == pointer      # the step wrote into it
+  after = np.asarray(new_kernel)
+  # the same first step with nnx.Optimizer and dense gradients (Adam from zero state leaves
+  # zero-gradient rows exactly as they were): the expected model
+  reference = make_model()
+  np.testing.assert_array_equal(np.asarray(reference.output.kernel[...]), before)
+  dense_optimizer = nnx.Optimizer(reference, optax.adam(1e-2), wrt=nnx.Param)
+  _, dense_grads = nnx.value_and_grad(loss_fn)(reference)
+  dense_optimizer.update(reference, dense_grads)
+  want = np.asarray(reference.output.kernel[...])
+  touched = np.any(want != before, axis=1)
+  assert 0 < touched.sum() < num_labels
+  np.testing.assert_array_equal(after[~touched], before[~touched])   # bit-identical
+  np.testing.assert_allclose(after[touched], want[touched], rtol=1e-5, atol=1e-7)
+  assert np.all(np.any(after[touched] != before[touched], axis=1))
+  assert int(optimizer.step[...]) == 1
 
 
 def test_rejects_mismatched_rows():

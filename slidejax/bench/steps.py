@@ -77,12 +77,11 @@ def _time(fn, *args) -> float:
 
 
 class _Runner:
-  """A model + trainer + state, stepping through the shared batches."""
+  """A trainer (``step(batch) -> StepMetrics``), stepping through the shared batches."""
 
-  def __init__(self, name, model, trainer, batches):
-    self.name, self.model, self.trainer, self.batches = name, model, trainer, batches
+  def __init__(self, name, trainer, batches):
+    self.name, self.trainer, self.batches = name, trainer, batches
     t0 = time.perf_counter()
-    self.state = trainer.init()
     self.i = 0
     self.step_once()
     self.compile_seconds = time.perf_counter() - t0
@@ -91,10 +90,29 @@ class _Runner:
   def step_once(self) -> float:
     batch = self.batches[self.i % len(self.batches)]
     t0 = time.perf_counter()
-    self.state, out = self.trainer.step(self.state, batch, jax.random.key(self.i))
+    out = self.trainer.step(batch)
     out.loss.block_until_ready()
     self.i += 1
     return time.perf_counter() - t0
+
+
+class _PlainNNX:
+  """The dense baseline as a Flax user writes it: ``nnx.value_and_grad`` and
+  ``nnx.Optimizer`` over every parameter, one ``nnx.jit`` step with donation."""
+
+  def __init__(self, model, tx):
+    self.model = model
+    self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    def step(model, optimizer, batch):
+      (loss, dropped), grads = nnx.value_and_grad(train.batch_loss, has_aux=True)(model, batch)
+      optimizer.update(model, grads)
+      return train.StepMetrics(loss, dropped)
+
+    self._step = nnx.jit(step, donate_argnums=(0, 1))
+
+  def step(self, batch):
+    return self._step(self.model, self.optimizer, batch)
 
 
 def _sampler_options(s: Scenario, batches, sampler: str, hash_name: str, l: int,
@@ -115,22 +133,19 @@ def _sparse_runner(s: Scenario, batches, *, mode: str, num_active: int, hash_nam
   model = nn.SlideMLP(s.features, s.labels, hidden=s.hidden, num_active=num_active, mode=mode,
                       backend=backend, rngs=nnx.Rngs(0),
                       **_sampler_options(s, batches, sampler, hash_name, l, k))
-  trainer = train.make_sparse_trainer(model, optax.adam(1e-4), optax.adam(1e-4),
-                                      batch_size=s.batch_size, max_features=s.max_features)
   name = f"{mode}:{num_active}" + ("" if sampler == "lsh" else f":{sampler}")
-  return _Runner(name, model, trainer, batches)
+  return _Runner(name, train.Trainer(model, optax.adam(1e-4)), batches)
 
 
 def _dense_runner(s: Scenario, batches) -> _Runner:
   model = nn.DenseMLP(s.features, s.labels, hidden=s.hidden, rngs=nnx.Rngs(0))
-  trainer = train.make_dense_trainer(model, optax.adam(1e-4))
-  return _Runner("dense", model, trainer, batches)
+  return _Runner("dense", _PlainNNX(model, optax.adam(1e-4)), batches)
 
 
 def _breakdown(runner: _Runner, s: Scenario, repeats: int = 5) -> dict:
   """Times of the step's parts, measured as separate programs on the same state."""
-  model = runner.model
-  runner.trainer.write_back(runner.state)
+  trainer = runner.trainer
+  model = trainer.model
   out_layer = model.output
   batch = runner.batches[0]
   h = nnx.jit(lambda m, ids, vals: m.hidden(ids, vals))(model, batch.feature_ids,
@@ -144,17 +159,20 @@ def _breakdown(runner: _Runner, s: Scenario, repeats: int = 5) -> dict:
   _time(select, h, batch.label_ids, jax.random.key(0))
   query_ms = 1e3 * statistics.median(
       _time(select, h, batch.label_ids, jax.random.key(i)) for i in range(repeats))
-  grads = runner.trainer.gradients
-  _time(grads, runner.state, batch, jax.random.key(0))
+
+  @jax.jit
+  def grads(state, batch):   # the step without its optimizer update (not donating)
+    m, _ = nnx.merge(trainer.graphdef, state)
+    return nn.value_and_grad(train.batch_loss, has_aux=True)(m, batch)
+
+  _time(grads, trainer.state, batch)
   grads_ms = 1e3 * statistics.median(
-      _time(grads, runner.state, runner.batches[i % len(runner.batches)], jax.random.key(i))
+      _time(grads, trainer.state, runner.batches[i % len(runner.batches)])
       for i in range(repeats))
   probe = nn.selection_probe(out_layer, h, batch.label_ids, jax.random.key(2))
-  rebuild_key = jax.random.key(1)
   for _ in range(2):  # the first call compiles; the second is timed
     r0 = time.perf_counter()
-    runner.state = runner.trainer.rebuild(runner.state, rebuild_key)
-    jax.block_until_ready(runner.state.other)
+    trainer.rebuild()
     rebuild_s = time.perf_counter() - r0
   rebuilds = len(train.TrainConfig().schedule().rebuild_steps(AMORTIZE_STEPS))
   if not out_layer.uses_tables:
@@ -207,7 +225,8 @@ def run(s: Scenario, *, modes=(("shared", 2048), ("shared", 8192), ("per_sample"
         f"{parts['rebuild_amortized_ms']:.1f} ms/step amortized)")
   log(f"  {'dense':>18}: {dense_ms:8.1f} ms/step")
   log(probe_table({name: e["probe"] for name, e in per_mode.items()}))
-  params = sum(x.size for x in jax.tree.leaves(nnx.state(runners[-1].model, nnx.Param)))
+  last = runners[-1].trainer
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(last.model, nnx.Param)))
   best = min(per_mode.values(), key=lambda e: e["step_ms"]) if per_mode else None
   return {"scenario": dataclasses.asdict(s), "backend": jax.default_backend(),
           "dense_step_ms": dense_ms,

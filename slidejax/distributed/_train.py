@@ -62,8 +62,8 @@ def evaluate_sharded(state: ShardedSlideState, data, *, batch_size: int, max_fea
                      points: int | None = None, k: int = 5) -> dict:
   """P@k, nDCG@k (:func:`slidejax.metrics.evaluate`) of ``state`` on (a prefix of) ``data``."""
   from slidejax.train import evaluate_model
-  predict = lambda st, ids, values: sharded_top_k(st, ids, values, k)  # noqa: E731
-  return evaluate_model(predict, state, data, batch_size=batch_size, max_features=max_features,
+  predict = lambda ids, values: sharded_top_k(state, ids, values, k)  # noqa: E731
+  return evaluate_model(predict, data, batch_size=batch_size, max_features=max_features,
                         points=points, k=k)
 
 

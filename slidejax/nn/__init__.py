@@ -22,6 +22,7 @@ from slidejax.nn._probe import selection_probe
 from slidejax.nn._slide_dense import SAMPLERS
 from slidejax.nn._slide_dense import SlideDense
 from slidejax.nn._slide_dense import SlideOutput
+from slidejax.nn._slide_dense import rebuild_tables
 from slidejax.nn._sparse_input import SparseInput
 from slidejax.nn._variables import ActiveIds
 from slidejax.nn._variables import HashParams
@@ -29,3 +30,6 @@ from slidejax.nn._variables import HashTables
 from slidejax.nn._variables import RowDelta
 from slidejax.nn._variables import RowParam
 from slidejax.nn._variables import SamplerCDF
+from slidejax.nn._grad import grad
+from slidejax.nn._grad import sparse_layers
+from slidejax.nn._grad import value_and_grad

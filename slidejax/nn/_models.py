@@ -27,6 +27,9 @@ class SlideMLP(nnx.Module):
     self.num_labels = num_labels
     self.embed = SparseInput(num_features, hidden, rngs=rngs)
     self.output = SlideDense(hidden, num_labels, rngs=rngs, **output_options)
+    # what rebuilds this model (slidejax.save writes it): sizes and every resolved option
+    self.spec = {"class": "SlideMLP", "num_features": num_features, "num_labels": num_labels,
+                 "hidden": hidden, "output": dict(self.output.resolved_options)}
 
   def hidden(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
     """``[B, F]`` ids and values -> float32 ``[B, hidden]``."""
@@ -37,9 +40,10 @@ class SlideMLP(nnx.Module):
     return self.output(self.hidden(feature_ids, feature_values), labels=labels, key=key)
 
   def top_k(self, feature_ids: jax.Array, feature_values: jax.Array, k: int, *,
-            exact: bool = True, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Top-``k`` labels: (scores ``[B, k]``, ids ``[B, k]``)."""
-    return self.output.top_k(self.hidden(feature_ids, feature_values), k, exact=exact, key=key)
+            exact: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Top-``k`` labels: (scores ``[B, k]``, ids ``[B, k]``); ``exact=False``: through the
+    LSH tables (see :meth:`SlideDense.top_k`)."""
+    return self.output.top_k(self.hidden(feature_ids, feature_values), k, exact=exact)
 
 
 def sampled_softmax_loss(out: SlideOutput, sample_weight: jax.Array | None = None) -> jax.Array:
@@ -89,17 +93,22 @@ class DenseMLP(nnx.Module):
     self.embed = SparseInput(num_features, hidden, rngs=rngs)
     self.kernel = nnx.Param(lecun_rows(num_labels)(rngs.params(), (num_labels, hidden)))
     self.bias = nnx.Param(jnp.zeros((num_labels,), jnp.float32))
+    self.spec = {"class": "DenseMLP", "num_features": num_features, "num_labels": num_labels,
+                 "hidden": hidden}
 
   def hidden(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
     return jax.nn.relu(self.embed(feature_ids, feature_values))
 
-  def __call__(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
-    """Full logits float32 ``[B, num_labels]``."""
+  def __call__(self, feature_ids: jax.Array, feature_values: jax.Array, *,
+               labels: jax.Array | None = None) -> jax.Array:
+    """Full logits float32 ``[B, num_labels]`` (``labels`` accepted for a common call with
+    :class:`SlideMLP`, and unused: every label is computed)."""
+    del labels
     h = self.hidden(feature_ids, feature_values)
     return h @ self.kernel[...].T + self.bias[...]
 
   def top_k(self, feature_ids: jax.Array, feature_values: jax.Array, k: int, *,
-            exact: bool = True, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    del exact, key  # always exact
+            exact: bool = True) -> tuple[jax.Array, jax.Array]:
+    del exact  # always exact
     return top_k_chunked(self.hidden(feature_ids, feature_values), self.kernel[...],
                          self.bias[...], k)

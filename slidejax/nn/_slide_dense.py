@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from slidejax import lsh
+from slidejax.nn import _capture
 from slidejax.nn import _functional as F
 from slidejax.nn._init import lecun_rows
 from slidejax.nn._variables import ActiveIds
@@ -67,6 +68,13 @@ def _make_family(name: str, dim: int, k: int, l: int, range_bits: int | None, bi
   if name == "minhash":
     return lsh.minhash(dim, k=k, l=l, range_bits=range_bits)
   raise ValueError(f"unknown hash family {name!r}; expected one of {HASH_FAMILIES}")
+
+
+def _selection_stream(rngs: nnx.Rngs) -> nnx.Rngs | None:
+  try:
+    return nnx.Rngs(select=rngs.select())
+  except (AttributeError, KeyError):   # neither a "select" nor a "default" stream
+    return nnx.data(None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,6 +188,12 @@ class SlideDense(nnx.Module):
       range_bits = lsh.default_range_bits(out_features, bucket_capacity)
     if k is None:
       k = {"simhash": range_bits, "wta": 6, "dwta": 6, "minhash": 4}.get(hash, 6)
+    self.resolved_options = dict(
+        hash=hash, k=k, l=l, bin_size=bin_size, range_bits=range_bits,
+        bucket_capacity=bucket_capacity, num_active=num_active, policy=policy,
+        threshold=threshold, mode=mode, insertion=insertion, backend=backend,
+        track_codes=track_codes, sampler=sampler, uniform_share=float(uniform_share),
+        correction=correction, transform=transform, in_batch_negatives=in_batch_negatives)
     self.in_features = in_features
     self.out_features = out_features
     self.num_active = num_active
@@ -209,6 +223,9 @@ class SlideDense(nnx.Module):
       self.family = None
       self.hash_params = nnx.data(None)
       self.tables = nnx.data(None)
+    # the selection's randomness: a stream of its own, from the "select" stream of ``rngs``
+    # (or its default stream); None when ``rngs`` has neither (then every call needs a key)
+    self.rngs = _selection_stream(rngs)
     self.kernel_delta = nnx.data(None)
     self.bias_delta = nnx.data(None)
     self.active_ids = nnx.data(None)
@@ -251,13 +268,25 @@ class SlideDense(nnx.Module):
                                self.track_codes)
     return program(self.hash_params.get_value(), kernel, key)
 
-  def rebuild(self, key: jax.Array, *, redraw: bool = False) -> None:
-    """Rebuilds the tables from the current weights; ``redraw`` draws new hash functions."""
+  def rebuild(self, key: jax.Array | None = None, *, redraw: bool = False,
+              free_old: bool = False) -> None:
+    """Rebuilds the tables from the current weights (eagerly: on the host backend the build
+    streams, bounded memory); ``redraw`` draws new hash functions first. ``key``: default the
+    next key of the layer's stream. ``free_old`` deletes the old tables' buffers first (their
+    memory is reused by the build; the old arrays must have no other user)."""
     if not self.uses_tables:
       return
+    if key is None:
+      if self.rngs is None:
+        raise ValueError("SlideDense.rebuild: the layer has no random stream: pass key=")
+      key = self.rngs.select()
     build_key, draw_key = jax.random.split(key)
     if redraw:
       self.hash_params.set_value(self.family.init(draw_key))
+    if free_old:
+      for array in self.tables.get_value():
+        if isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer):
+          array.delete()
     self.tables.set_value(self._build(build_key))
 
   # -- forward ------------------------------------------------------------------------------
@@ -326,12 +355,18 @@ class SlideDense(nnx.Module):
                key: jax.Array | None = None) -> SlideOutput:
     """Computes the active neurons of ``inputs`` float32 ``[B, in_features]``.
 
-    ``labels`` int32 ``[B, f]`` (-1 padding) are always active (training); ``key`` drives the
-    random parts of the selection (defaults to a fixed key, for deterministic inference).
+    ``labels`` int32 ``[B, f]`` (-1 padding) are always active (training). The selection is
+    random (the uniform share, the fill, ties): its key is ``key`` when given, else the next
+    key of the layer's own stream (``self.rngs``, from the ``rngs`` it was built with), so
+    every call draws afresh. A layer built without a "select" or "default" stream needs
+    ``key``: a sampled forward pass without randomness is an error, never a fixed key.
     """
-    if key is None:
-      key = jax.random.key(0)
     batch = inputs.shape[0]
+    if key is None and self.mode != "dense":
+      if self.rngs is None:
+        raise ValueError("SlideDense: the selection is random, but the layer has no random "
+                         "stream (its rngs had no 'select' or 'default' stream): pass key=")
+      key = self.rngs.select()
     if labels is None:
       labels_or_none = None
       labels = jnp.full((batch, 1), -1, jnp.int32)
@@ -350,9 +385,13 @@ class SlideDense(nnx.Module):
       slots = active.forced_slots if labels_or_none is not None else labels
       dropped = getattr(active, "forced_dropped", jnp.zeros((), jnp.int32))
       correction = self._logit_correction(active, slots.astype(jnp.int32))
+    _capture.record(self, ids.shape)
     rows = F.gather_rows(self.kernel[...], ids)
     bias_rows = F.gather_rows(self.bias[...], ids)
     if self.kernel_delta is not None:
+      if self.bias_delta.shape != ids.shape:
+        raise ValueError(f"SlideDense: row capture prepared for ids {self.bias_delta.shape}, "
+                         f"this call gathers {ids.shape}")
       rows = rows + self.kernel_delta[...]
       bias_rows = bias_rows + self.bias_delta[...]
       self.active_ids.set_value(jnp.where(valid, ids, self.out_features).astype(jnp.int32))
@@ -362,14 +401,10 @@ class SlideDense(nnx.Module):
       logits = F.per_sample_logits(inputs, rows, bias_rows, valid)
     return SlideOutput(logits, ids, valid, slots.astype(jnp.int32), dropped, correction)
 
-  def attach_row_delta(self, batch_size: int) -> None:
-    """Prepares row-gradient capture (see :func:`slidejax.train.attach_row_deltas`)."""
-    if self.mode == "shared":
-      shape = (self.num_active,)
-    elif self.mode == "per_sample":
-      shape = (batch_size, self.num_active)
-    else:
-      shape = (self.out_features,)
+  def attach_row_delta(self, ids_shape: tuple[int, ...]) -> None:
+    """Prepares row-gradient capture for gathered ids of ``ids_shape`` (``[M]`` shared,
+    ``[B, m]`` per-sample, ``[N]`` dense); see :func:`slidejax.nn.value_and_grad`."""
+    shape = tuple(ids_shape)
     dtype = self.kernel.dtype
     self.kernel_delta = RowDelta(jnp.zeros(shape + (self.in_features,), dtype))
     self.bias_delta = RowDelta(jnp.zeros(shape, dtype))
@@ -381,16 +416,45 @@ class SlideDense(nnx.Module):
     self.active_ids = nnx.data(None)
 
   # -- inference ----------------------------------------------------------------------------
-  def top_k(self, inputs: jax.Array, k: int, *, exact: bool = True, chunk_size: int = 65536,
-            key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  def top_k(self, inputs: jax.Array, k: int, *, exact: bool = True,
+            chunk_size: int = 65536) -> tuple[jax.Array, jax.Array]:
     """Top-``k`` neurons per sample: (scores ``[B, k]``, ids ``[B, k]``), best first.
 
-    ``exact``: all neurons, chunked to bound memory; otherwise only the LSH-selected ones
-    (fast, approximate; in shared mode the batch's union).
+    ``exact``: every neuron, chunked to bound memory. Otherwise (LSH tables only) each
+    sample's own candidates: the union of the buckets its input hashes to, scored exactly,
+    with no random ids, so a sample's result does not depend on its batch. Slots beyond a
+    sample's candidates hold score ``-inf`` and id ``out_features``.
     """
-    if exact or self.mode == "dense":
+    if exact or not self.uses_tables:
       return F.top_k_chunked(inputs, self.kernel[...], self.bias[...], k, chunk_size)
-    out = self(inputs, key=key)
-    scores, pos = jax.lax.top_k(out.logits, k)
-    ids = out.ids[pos] if out.ids.ndim == 1 else jnp.take_along_axis(out.ids, pos, axis=1)
-    return scores, ids
+    candidates = lsh.bucket_rows(self.tables.get_value(), self.hash_codes(inputs))
+    ids = jnp.sort(candidates.reshape(inputs.shape[0], -1), axis=1)
+    ids = jnp.where(ids < 0, self.out_features, ids)   # empty slots sort first: move them
+    repeated = jnp.concatenate([jnp.zeros_like(ids[:, :1], bool), ids[:, 1:] == ids[:, :-1]],
+                               axis=1)
+    valid = (ids < self.out_features) & ~repeated
+    logits = F.per_sample_logits(inputs, F.gather_rows(self.kernel[...], ids),
+                                 F.gather_rows(self.bias[...], ids), valid)
+    logits = jnp.where(valid, logits, -jnp.inf)
+    if logits.shape[1] < k:
+      pad = k - logits.shape[1]
+      logits = jnp.pad(logits, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+      ids = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=self.out_features)
+    scores, pos = jax.lax.top_k(logits, k)
+    top = jnp.take_along_axis(ids, pos, axis=1)
+    return scores, jnp.where(jnp.isfinite(scores), top, self.out_features)
+
+
+def rebuild_tables(model: nnx.Module, key: jax.Array | None = None, *, redraw: bool = False,
+                   free_old: bool = False) -> int:
+  """Rebuilds the tables of every :class:`SlideDense` in ``model`` that hashes (see
+  :meth:`SlideDense.rebuild`; with ``key``, layer ``i`` uses ``fold_in(key, i)``). Call it
+  eagerly between steps, e.g. when a :class:`slidejax.train.RehashSchedule` says so.
+  Returns the number of layers rebuilt."""
+  count = 0
+  for _, layer in nnx.iter_modules(model):
+    if isinstance(layer, SlideDense) and layer.uses_tables:
+      layer.rebuild(None if key is None else jax.random.fold_in(key, count), redraw=redraw,
+                    free_old=free_old)
+      count += 1
+  return count

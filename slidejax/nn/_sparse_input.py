@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from slidejax.nn import _capture
 from slidejax.nn import _functional as F
 from slidejax.nn._init import row_chunked
 from slidejax.nn._variables import ActiveIds
@@ -36,17 +37,27 @@ class SparseInput(nnx.Module):
     self.active_ids = nnx.data(None)
 
   def __call__(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
-    """``feature_ids`` int32 ``[B, F]``, ``feature_values`` float32 ``[B, F]`` -> ``[B, out]``.
+    """``feature_ids`` int32 ``[B, F]`` (or ``[F]``, one id list shared by the batch),
+    ``feature_values`` float32 ``[B, F]`` -> ``[B, out]``.
 
-    Padding entries have value 0; ids out of range read zero rows.
+    Padding entries have value 0 (a zero value reads no row); ids out of range read zero
+    rows. Shared ids ``[F]`` must be unique apart from out-of-range padding (as a shared
+    ``SlideDense`` set is): the layer after a sparse hidden layer takes its ``ids [M]`` and
+    activations ``[B, M]`` and reads just those ``M`` rows (one ``[B, M] @ [M, out]`` product).
     """
+    if feature_ids.ndim == 1:
+      return self._shared(feature_ids, feature_values)
+    batch, width = feature_ids.shape
+    _capture.record(self, (min(batch * width, self.num_features),))
     if self.kernel_delta is None:
       rows = F.gather_rows(self.kernel[...], feature_ids)
       return F.embedding_bag(rows, feature_values, self.bias[...])
     # Row-gradient capture: gather each distinct feature row once ([U, out]); the gradient
     # w.r.t. kernel_delta is then the (already summed) gradient of those rows.
-    batch, width = feature_ids.shape
     num_unique = self.kernel_delta.shape[0]
+    if num_unique != min(batch * width, self.num_features):
+      raise ValueError(f"SparseInput: row capture prepared for {num_unique} rows, the batch "
+                       f"[{batch}, {width}] gathers {min(batch * width, self.num_features)}")
     used = jnp.where(feature_values != 0, feature_ids, self.num_features).astype(jnp.int32)
     unique_ids, slots = F.unique_with_inverse(used.reshape(-1), num_unique, self.num_features)
     self.active_ids.set_value(unique_ids)
@@ -60,12 +71,23 @@ class SparseInput(nnx.Module):
       return bag @ rows + self.bias[...]
     return F.embedding_bag(F.gather_rows(rows, slots), feature_values, self.bias[...])
 
-  def attach_row_delta(self, batch_size: int, width: int) -> None:
-    """Prepares row-gradient capture for batches of ``[batch_size, width]`` features.
+  def _shared(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
+    _capture.record(self, feature_ids.shape)
+    ids = jnp.where((feature_ids >= 0) & (feature_ids < self.num_features), feature_ids,
+                    self.num_features).astype(jnp.int32)
+    rows = F.gather_rows(self.kernel[...], ids)
+    if self.kernel_delta is not None:
+      if self.kernel_delta.shape[0] != ids.shape[0]:
+        raise ValueError(f"SparseInput: row capture prepared for {self.kernel_delta.shape[0]} "
+                         f"rows, this call gathers {ids.shape[0]}")
+      rows = rows + self.kernel_delta[...]
+      self.active_ids.set_value(ids)
+    return feature_values @ rows + self.bias[...]
 
-    A batch touches at most ``U = min(batch_size * width, num_features)`` distinct rows.
-    """
-    num_unique = min(batch_size * width, self.num_features)
+  def attach_row_delta(self, ids_shape: tuple[int, ...]) -> None:
+    """Prepares row-gradient capture for ``ids_shape`` ``(U,)`` gathered rows (a ``[B, F]``
+    batch touches at most ``U = min(B * F, num_features)`` distinct rows)."""
+    (num_unique,) = ids_shape
     self.kernel_delta = RowDelta(jnp.zeros((num_unique, self.features_out), self.kernel.dtype))
     self.active_ids = ActiveIds(jnp.full((num_unique,), self.num_features, jnp.int32))
 

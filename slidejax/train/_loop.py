@@ -7,7 +7,7 @@ import signal
 import math
 import pathlib
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -15,15 +15,14 @@ import optax
 from flax import nnx
 
 from slidejax import data as xcdata
-from slidejax._memory import release_free_memory
 from slidejax import metrics
 from slidejax.nn import DenseMLP
 from slidejax.nn import SlideMLP
-from slidejax.train import _checkpoint as ckpt
+from slidejax.checkpoint import CheckpointError
+from slidejax.checkpoint import TrainingCheckpoints
 from slidejax.train._schedule import RehashSchedule
-from slidejax.train._step import make_dense_trainer
-from slidejax.train._step import make_predictor
-from slidejax.train._step import make_sparse_trainer
+from slidejax.train._step import TrainBatch
+from slidejax.train._step import Trainer
 
 
 # The loop reads losses back (NaN check, progress bar) every this many steps, not after each
@@ -93,36 +92,11 @@ class TrainConfig:
                           redraw_every=self.redraw_every)
 
 
-class TrainBatch(NamedTuple):
-  feature_ids: np.ndarray     # int32 [B, F]
-  feature_values: np.ndarray  # float32 [B, F]
-  label_ids: np.ndarray       # int32 [B, f]
-  rows: np.ndarray            # int32 [B], -1 = padding row
-
-
 def _as_train_batch(batch) -> TrainBatch:
   return TrainBatch(np.asarray(batch.feature_ids, np.int32),
                     np.asarray(batch.feature_values, np.float32),
                     np.asarray(batch.label_ids, np.int32),
                     np.asarray(batch.rows).astype(np.int32))
-
-
-def compile_step(trainer, batch_size: int, max_features: int, max_labels: int):
-  """``trainer.step`` compiled for the batch shape before the training state exists.
-
-  Compiling first keeps the compiler's transient memory (about 0.1 GB at Amazon-670K shape)
-  from stacking on top of the parameters and optimizer state, and the heap pages it leaves
-  free are returned to the OS before ``trainer.init()`` allocates the optimizer state.
-  """
-  abstract_state = jax.eval_shape(trainer.init)
-  abstract_batch = TrainBatch(
-      jax.ShapeDtypeStruct((batch_size, max_features), np.int32),
-      jax.ShapeDtypeStruct((batch_size, max_features), np.float32),
-      jax.ShapeDtypeStruct((batch_size, max_labels), np.int32),
-      jax.ShapeDtypeStruct((batch_size,), np.int32))
-  compiled = trainer.step.lower(abstract_state, abstract_batch, jax.random.key(0)).compile()
-  release_free_memory()
-  return compiled
 
 
 def validate(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None) -> None:
@@ -175,35 +149,37 @@ def build_model(config: TrainConfig, num_features: int, num_labels: int,
                   mode=config.mode, rngs=rngs, **sampling)
 
 
-def evaluate_model(predict, state, data: xcdata.XCData, *, batch_size: int, max_features: int,
+def evaluate_model(predict, data: xcdata.XCData, *, batch_size: int, max_features: int,
                    points: int | None = None, k: int = 5, propensities=None) -> dict:
-  """P@k, nDCG@k (and PSP@k given label ``propensities``) of the model in ``state`` on (the
-  first ``points`` rows of) ``data``; ``predict`` comes from :func:`make_predictor`."""
+  """P@k, nDCG@k (and PSP@k given label ``propensities``) on (the first ``points`` rows of)
+  ``data``; ``predict(feature_ids [B, F], feature_values [B, F]) -> top-k ids [B, k]`` (e.g.
+  :meth:`Trainer.predict`), called on fixed-size padded batches."""
   rows = np.arange(data.num_points if points is None else min(points, data.num_points))
   top = np.zeros((len(rows), k), np.int64)
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     padded = np.concatenate([chunk, np.full(batch_size - len(chunk), -1, chunk.dtype)])
     batch = xcdata.pad_rows(data, padded, max_features=max_features, max_labels=1)
-    ids = predict(state, np.asarray(batch.feature_ids, np.int32),
+    ids = predict(np.asarray(batch.feature_ids, np.int32),
                   np.asarray(batch.feature_values, np.float32))
-    top[start:start + len(chunk)] = np.asarray(ids)[:len(chunk)]
+    top[start:start + len(chunk)] = np.asarray(ids)[:len(chunk), :k]
   sub = xcdata.subset(data, rows)
   return metrics.evaluate(top, (sub.label_indptr, sub.label_ids), ks=(1, 3, 5),
                           propensities=propensities)
 
 
-def make_prober(trainer, model, data: xcdata.XCData, *, batch_size: int, max_features: int,
+def make_prober(trainer: Trainer, data: xcdata.XCData, *, batch_size: int, max_features: int,
                 max_labels: int, seed: int):
-  """``(state, step) -> dict``: :func:`slidejax.nn.selection_probe` of the model's output
-  layer on a fixed batch (the first ``batch_size`` rows of ``data``)."""
+  """``step -> dict``: :func:`slidejax.nn.selection_probe` of the trainer's model's output
+  layer on a fixed batch (the first ``batch_size`` rows of ``data``); its keys are its own,
+  so probing leaves the training's random streams alone."""
   from slidejax.nn import selection_probe
   rows = np.arange(min(batch_size, data.num_points))
   batch = xcdata.pad_rows(data, rows, max_features=max_features, max_labels=max_labels)
   key = jax.random.fold_in(jax.random.key(seed), 0x9B0BE)
 
-  def probe(state, step: int) -> dict:
-    trainer.write_back(state)   # the model now reads this state's arrays (no copy)
+  def probe(step: int) -> dict:
+    model = trainer.model   # reads the trainer's arrays (no copy)
     hidden = model.hidden(np.asarray(batch.feature_ids, np.int32),
                           np.asarray(batch.feature_values, np.float32))
     return selection_probe(model.output, hidden, np.asarray(batch.label_ids, np.int32),
@@ -222,20 +198,42 @@ def _check_checkpoint_config(path: pathlib.Path, meta: dict, config: TrainConfig
   differ = [f"{name}: checkpoint {saved.get(name)!r}, now {mine[name]!r}"
             for name in mine if saved.get(name) != mine[name]]
   if differ:
-    raise ckpt.CheckpointError(f"{path}: written with another configuration ("
+    raise CheckpointError(f"{path}: written with another configuration ("
                                + "; ".join(differ) + ")")
+
+
+def _build_trainer(config: TrainConfig, train: xcdata.XCData) -> Trainer:
+  from slidejax import nn
+  model = build_model(config, train.num_features, train.num_labels,
+                      xcdata.label_counts(train))
+  loss = {"softmax": nn.sampled_softmax_loss, "sigmoid": nn.sampled_sigmoid_loss}[config.loss]
+  return Trainer(model, optax.adam(config.lr), loss=loss)
+
+
+def _restore(checkpoints: TrainingCheckpoints, trainer: Trainer, config: TrainConfig) -> dict:
+  """Loads the newest complete checkpoint into ``trainer``; returns its loop position."""
+  step = checkpoints.latest_step()
+  if step is None:
+    raise CheckpointError(f"{checkpoints.directory}: no complete checkpoint to resume from")
+  meta = checkpoints.read_meta(step)
+  _check_checkpoint_config(pathlib.Path(checkpoints.directory), meta, config)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer.state)
+  trainer.state, meta, _ = checkpoints.restore(abstract, step)
+  return meta["position"]
 
 
 def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = None, *,
         checkpoint_dir: str | None = None, resume: bool = False, progress: bool = True,
-        log=print) -> dict:
+        keep_checkpoints: int = 2, log=print) -> dict:
   """Trains a SLIDE (or, with ``config.dense``, a dense) network and returns its results.
 
-  Returns a dictionary with ``p@1``, ``p@3``, ``p@5``, ``ndcg@5`` (and more metrics),
-  ``train_seconds``, ``samples_per_second``, ``steps``, ``rebuilds``, ``rebuild_seconds``,
-  ``history`` (``{seconds, step, p@1}`` per evaluation), ``probes`` (selection telemetry every
-  ``config.probe_every`` steps, see :func:`slidejax.nn.selection_probe`), ``config`` and
-  ``truncation``.
+  Every step is :func:`slidejax.train.train_step` (the public ``value_and_grad`` and
+  ``Optimizer`` path) through a :class:`Trainer`. Returns a dictionary with ``p@1``, ``p@3``,
+  ``p@5``, ``ndcg@5`` (and more metrics), ``train_seconds``, ``samples_per_second``,
+  ``steps``, ``rebuilds``, ``rebuild_seconds``, ``history`` (``{seconds, step, p@1}`` per
+  evaluation), ``probes`` (selection telemetry every ``config.probe_every`` steps, see
+  :func:`slidejax.nn.selection_probe`), ``config``, ``truncation``, ``checkpoint`` and
+  ``model`` (the trained model).
   Raises TrainingError (bad input), CheckpointError, TrainingDiverged (NaN/inf loss).
   """
   validate(config, train, test)
@@ -245,51 +243,48 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
   if not config.dense and config.mode == "per_sample" and max_labels > config.num_active:
     raise TrainingError(f"max_labels={max_labels} exceeds num_active={config.num_active}")
   config = dataclasses.replace(config, max_features=max_features, max_labels=max_labels)
-  model = build_model(config, train.num_features, train.num_labels,
-                      xcdata.label_counts(train))
-  if config.dense:
-    trainer = make_dense_trainer(model, optax.adam(config.lr))
-  else:
-    from slidejax import nn
-    loss = {"softmax": nn.sampled_softmax_loss, "sigmoid": nn.sampled_sigmoid_loss}[config.loss]
-    trainer = make_sparse_trainer(model, optax.adam(config.lr), optax.adam(config.lr),
-                                  batch_size=config.batch_size, max_features=max_features,
-                                  loss=loss)
-  predict = make_predictor(trainer, model, 5)
+  if resume and not checkpoint_dir:
+    raise TrainingError("--resume needs --checkpoint DIR")
+  checkpoints = (TrainingCheckpoints(checkpoint_dir, keep=keep_checkpoints)
+                 if checkpoint_dir else None)
+  try:
+    return _fit(config, train, test, checkpoints, resume=resume, progress=progress, log=log)
+  finally:
+    if checkpoints is not None:
+      checkpoints.close()
+
+
+def _fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None,
+         checkpoints: TrainingCheckpoints | None, *, resume: bool, progress: bool, log) -> dict:
+  max_features, max_labels = config.max_features, config.max_labels
+  trainer = _build_trainer(config, train)
   probe = None
   if config.probe_every and not config.dense:
-    probe = make_prober(trainer, model, test if test is not None else train,
+    probe = make_prober(trainer, test if test is not None else train,
                         batch_size=config.batch_size, max_features=max_features,
                         max_labels=max_labels, seed=config.seed)
-  step_fn = compile_step(trainer, config.batch_size, max_features, max_labels)
-  state = trainer.init()
+  trainer.compile(config.batch_size, max_features, max_labels)
   position = {"step": 0, "epoch": 0, "batch_index": 0, "train_seconds": 0.0, "rebuilds": 0,
               "rebuild_seconds": 0.0, "history": [], "probes": []}
   last_checkpoint = None
   if resume:
-    if not checkpoint_dir:
-      raise TrainingError("--resume needs --checkpoint DIR")
-    path = ckpt.latest_checkpoint(checkpoint_dir)
-    if path is None:
-      raise ckpt.CheckpointError(f"{checkpoint_dir}: no complete checkpoint to resume from")
-    _check_checkpoint_config(path, ckpt.read_meta(path), config)
-    state, meta = ckpt.load_checkpoint(path, state)
-    position.update(meta["position"])
-    last_checkpoint = path
-    log(f"resumed from {path} at step {position['step']}")
+    position.update(_restore(checkpoints, trainer, config))
+    last_checkpoint = checkpoints.directory
+    log(f"resumed from {checkpoints.directory} at step {position['step']}")
 
   def save(reason: str):
     nonlocal last_checkpoint
-    if checkpoint_dir:
+    if checkpoints is not None:
       meta = {"step": position["step"], "position": position, "reason": reason,
               "config": _config_for_checkpoint(config)}
-      last_checkpoint = ckpt.save_checkpoint(checkpoint_dir, state, meta)
+      last_checkpoint = checkpoints.save(position["step"], trainer.state, meta)
+
+  def predict(feature_ids, feature_values):
+    return trainer.predict(feature_ids, feature_values, 5)
 
   schedule = config.schedule()
   steps_per_epoch = math.ceil(train.num_points / config.batch_size)
   total_steps = steps_per_epoch * config.epochs
-  base_key = jax.random.key(config.seed)
-  rebuild_key = jax.random.fold_in(base_key, 0x5EED)
   bar = None
   if progress:
     from tqdm.auto import tqdm
@@ -313,7 +308,6 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
   truncation = None
   stop = False
   interrupted = []
-
   rebuilding = []
 
   def on_sigint(signum, frame):
@@ -336,7 +330,7 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
         batch = _as_train_batch(raw)
         step = position["step"]
         t0 = time.perf_counter()
-        state, out = step_fn(state, batch, jax.random.fold_in(base_key, step))
+        out = trainer.step(batch)
         pending_losses.append((step + 1, out.loss))
         position["step"] = step + 1
         position["batch_index"] = batch_index + 1
@@ -352,21 +346,20 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
           r0 = time.perf_counter()
           rebuilding.append(True)
           try:
-            state = trainer.rebuild(state, jax.random.fold_in(rebuild_key, step), redraw)
-            jax.block_until_ready(state.other)
+            trainer.rebuild(redraw=redraw)
           finally:
             rebuilding.clear()
           position["rebuilds"] += 1
           position["rebuild_seconds"] += time.perf_counter() - r0
         position["train_seconds"] += time.perf_counter() - t0
         if evaluate:
-          result = evaluate_model(predict, state, test, batch_size=config.batch_size,
+          result = evaluate_model(predict, test, batch_size=config.batch_size,
                                   max_features=max_features, points=config.eval_points)
           last_p1 = result["p@1"]
           position["history"].append({"seconds": round(position["train_seconds"], 3),
                                       "step": position["step"], "p@1": last_p1})
         if probe is not None and position["step"] % config.probe_every == 0:
-          last_probe = probe(state, position["step"])   # outside train_seconds
+          last_probe = probe(position["step"])   # outside train_seconds
           position["probes"].append({"seconds": round(position["train_seconds"], 3),
                                      "step": position["step"], **last_probe})
         if checkpoint:
@@ -395,7 +388,8 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
       position["batch_index"] = 0
   except KeyboardInterrupt:
     check_losses()          # never checkpoint past an unnoticed NaN
-    if any(x.is_deleted() for x in jax.tree.leaves(state) if isinstance(x, jax.Array)):
+    if any(x.is_deleted() for x in jax.tree.leaves(trainer.state)
+           if isinstance(x, jax.Array)):
       log("interrupted inside a rebuild (old tables already freed): no new checkpoint")
     else:
       save("interrupted")
@@ -413,12 +407,11 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
   result: dict[str, Any] = {}
   if test is not None:
     props = metrics.propensities(xcdata.label_counts(train), train.num_points)
-    result.update(evaluate_model(predict, state, test, batch_size=config.batch_size,
+    result.update(evaluate_model(predict, test, batch_size=config.batch_size,
                                  max_features=max_features, propensities=props))
     if not position["history"] or position["history"][-1]["step"] != position["step"]:
       position["history"].append({"seconds": round(position["train_seconds"], 3),
                                   "step": position["step"], "p@1": result["p@1"]})
-  trainer.write_back(state)
   result.update(
       train_seconds=position["train_seconds"],
       samples_per_second=position["step"] * config.batch_size / max(position["train_seconds"],
@@ -431,5 +424,5 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
                                                       if hasattr(truncation, "_asdict")
                                                       else vars(truncation)),
       checkpoint=str(last_checkpoint) if last_checkpoint else None)
-  result["model"] = model
+  result["model"] = trainer.model
   return result
