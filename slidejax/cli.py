@@ -1,4 +1,4 @@
-"""The ``slidejax`` command line: ``slidejax data ...``, ``slidejax train ...``, ``slidejax bench ...``.
+"""The ``slidejax`` command line: ``data``, ``train``, ``predict``, ``evaluate`` and ``bench``.
 
 Each command group lives in its own private module exposing ``add_parser(subparsers)``;
 the parsers set ``func`` to a callable taking the parsed namespace and returning an exit code.
@@ -20,7 +20,7 @@ MALLOC_TUNING = {
     "MALLOC_TRIM_THRESHOLD_": "68719476736",
     "MALLOC_TOP_PAD_": "268435456",
 }
-_HEAVY_COMMANDS = ("train", "bench")
+_HEAVY_COMMANDS = ("train", "bench", "predict", "evaluate")
 
 
 def _reexec_with_malloc_tuning(argv: list[str]) -> None:

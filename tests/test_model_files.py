@@ -269,3 +269,11 @@ def test_error_target_does_not_match(saved, tmp_path):
   assert "embed/bias/value is saved as float32[8], the model expects float32[9]" in message
   uniform = nnx.eval_shape(BUILDERS["uniform"])
   assert "the file has" in _load_error(saved, model=uniform)
+
+
+def test_relative_directories_save_and_load(tmp_path, monkeypatch):
+  model = _slide()
+  _perturb(model)
+  monkeypatch.chdir(tmp_path)
+  slidejax.save(model, "models/m")
+  _assert_same_state(model, slidejax.load("models/m"))

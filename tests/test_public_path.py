@@ -197,3 +197,29 @@ def test_a_layer_called_twice_is_refused():
 
   with pytest.raises(ValueError, match="called twice"):
     slidejax.value_and_grad(loss_fn)(layer)
+
+
+def test_a_sparse_layer_the_loss_does_not_call_gets_empty_row_gradients():
+  model = _model()
+  optimizer = slidejax.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+  ids, values, _ = _inputs()
+  kernel = np.asarray(model.output.kernel[...]).copy()
+  _, grads = slidejax.value_and_grad(lambda m: jnp.sum(m.hidden(ids, values) ** 2))(model)
+  assert grads["output"]["kernel"].get_value().ids.shape == (0,)
+  optimizer.update(model, grads)
+  np.testing.assert_array_equal(model.output.kernel[...], kernel)
+
+
+def test_sparse_input_with_shared_ids_equals_the_batched_form():
+  layer = nn.SparseInput(50, 8, rngs=nnx.Rngs(0))
+  ids = jnp.asarray([3, 7, 50, 11], jnp.int32)          # 50: padding (out of range)
+  values = jax.random.uniform(jax.random.key(1), (5, 4))
+  shared = layer(ids, values)
+  np.testing.assert_allclose(shared, layer(jnp.broadcast_to(ids, values.shape), values),
+                             rtol=1e-6)
+  _, grads = slidejax.value_and_grad(lambda l: jnp.sum(l(ids, values) ** 2))(layer)
+  _, dense = nnx.value_and_grad(lambda l: jnp.sum(l(ids, values) ** 2))(layer)
+  row = grads["kernel"].get_value()
+  np.testing.assert_array_equal(row.ids, [3, 7, 50, 11])
+  np.testing.assert_allclose(np.asarray(row.rows)[[0, 1, 3]],
+                             np.asarray(dense["kernel"][...])[[3, 7, 11]], rtol=1e-5)

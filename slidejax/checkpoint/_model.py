@@ -482,7 +482,7 @@ def load(directory: str | os.PathLike, *, model: nnx.Module | None = None) -> nn
     ModelFileError: no model in ``directory``, a damaged or too new file, an unknown model
       class without ``model=``, or arrays that do not fit the model.
   """
-  directory = pathlib.Path(directory)
+  directory = pathlib.Path(directory).absolute()
   info = read_info(directory)
   if model is None:
     model = _abstract_model(directory / INFO_FILE, info["spec"])
