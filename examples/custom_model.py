@@ -16,13 +16,11 @@ import statistics
 import time
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 
 import slidejax
 from slidejax import data as xcdata
-from slidejax import metrics
 from slidejax import nn
 from slidejax import train
 
@@ -59,21 +57,11 @@ def make_step(value_and_grad):
   return train_step
 
 
-@nnx.jit(static_argnums=3)
-def top_k(model, ids, values, k):
-  return model.out.top_k(model.hidden(ids, values), k)[1]
-
-
-def evaluate(model, data, batch_size, max_features) -> dict:
-  rows = np.arange(data.num_points)
-  top = np.zeros((len(rows), 5), np.int64)
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
-    padded = np.concatenate([chunk, np.full(batch_size - len(chunk), -1)])
-    b = xcdata.pad_rows(data, padded, max_features=max_features, max_labels=1)
-    top[start:start + len(chunk)] = np.asarray(top_k(model, b.feature_ids, b.feature_values,
-                                                     5))[:len(chunk)]
-  return metrics.evaluate(top, (data.label_indptr, data.label_ids), ks=(1, 5))
+def evaluate(model, data, batch_size: int, max_features: int) -> dict:
+  """P@1 / P@5 (and more) of ``model``'s exact top-5 on ``data``."""
+  top_k = nnx.jit(lambda m, ids, values: m.out.top_k(m.hidden(ids, values), 5)[1])
+  return train.evaluate_model(lambda ids, values: top_k(model, ids, values), data,
+                              batch_size=batch_size, max_features=max_features)
 
 
 def main(num_labels: int = 3_000, steps: int = 300, points: int = 12_000,

@@ -31,3 +31,18 @@ def strict_promotion():
   """Runs the test under ``jax_numpy_dtype_promotion='strict'``."""
   with jax.numpy_dtype_promotion("strict"):
     yield
+
+
+@pytest.fixture
+def example():
+  """``example(name)``: imports ``examples/<name>.py`` as a module."""
+  import importlib.util
+  root = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+  def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", root / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+  return load

@@ -1,21 +1,9 @@
 """Examples run in the suite (small sizes): they must keep working as the API changes."""
-import pathlib
-import sys
-
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
-def _example(name):
-  sys.path.insert(0, str(EXAMPLES))
-  try:
-    return __import__(name)
-  finally:
-    sys.path.remove(str(EXAMPLES))
-
-
-def test_custom_model_trains_with_both_optimizers():
-  result = _example("custom_model").main(num_labels=3_000, steps=80, points=3_000,
-                                         log=lambda m: None)
+def test_custom_model_trains_with_both_optimizers(example):
+  result = example("custom_model").main(num_labels=3_000, steps=80, points=3_000,
+                                        log=lambda m: None)
   chance = 1 / 3_000
   for path in ("slidejax", "nnx"):
     assert result[path]["p@1"] > 100 * chance, result

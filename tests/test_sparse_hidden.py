@@ -6,8 +6,6 @@ each of the three row layers gathered, and on the dense parameters; (b) the exam
 the sparse network and its dense twin, both far above the label-popularity baseline, the
 sparse one close to the dense one.
 """
-import pathlib
-import sys
 
 import jax
 import numpy as np
@@ -19,16 +17,7 @@ from slidejax import data as xcdata
 from slidejax import metrics
 from slidejax import nn
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 N, WIDTH, FEATURES, LABELS, B, F = 512, 16, 300, 40, 8, 6
-
-
-def _example(name):
-  sys.path.insert(0, str(EXAMPLES))
-  try:
-    return __import__(name)
-  finally:
-    sys.path.remove(str(EXAMPLES))
 
 
 def _batch(seed=0):
@@ -54,11 +43,11 @@ def _scatter(row_grad, num_rows):
 
 
 @pytest.mark.parametrize("num_active", [N, N // 4])
-def test_row_gradients_of_the_sparse_hidden_network_equal_dense_ones(num_active):
+def test_row_gradients_of_the_sparse_hidden_network_equal_dense_ones(num_active, example):
   """With every hidden neuron active (and with a quarter of them, the same key for both),
   the row-sparse gradients of embed, the hidden SlideDense and the SparseInput after it
   equal nnx's dense gradients on their rows, and the dense parameters' gradients agree."""
-  sh = _example("sparse_hidden")
+  sh = example("sparse_hidden")
   model = sh.SparseHiddenNet(FEATURES, LABELS, hidden_neurons=N, num_active=num_active,
                              width=WIDTH, l=4, rngs=nnx.Rngs(0))
   ids, values, labels = _batch()
@@ -98,11 +87,11 @@ def test_row_gradients_of_the_sparse_hidden_network_equal_dense_ones(num_active)
   assert covered["embed"] == set(ids[values != 0].tolist())
 
 
-def test_sparse_hidden_example_learns_like_its_dense_twin():
+def test_sparse_hidden_example_learns_like_its_dense_twin(example):
   """The example at small sizes: both variants far above the label-popularity baseline,
   the sparse hidden layer's P@1 close to the dense one's."""
   sizes = dict(hidden_neurons=2_048, num_labels=300, steps=150, points=4_000)
-  result = _example("sparse_hidden").main(**sizes, num_active=256, log=lambda m: None)
+  result = example("sparse_hidden").main(**sizes, num_active=256, log=lambda m: None)
   # baseline: every test point gets the training split's most frequent labels
   trn, tst = xcdata.synthesize_split(num_points=sizes["points"], num_features=5_000,
                                      num_labels=sizes["num_labels"], seed=0)
