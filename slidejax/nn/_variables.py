@@ -8,7 +8,8 @@ class RowParam(nnx.Param):
   """A trainable parameter whose rows are updated sparsely (one row per neuron or feature).
 
   A subclass of ``nnx.Param``: ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains it densely,
-  while :mod:`slidejax.train` gives it row-sparse updates.
+  while :func:`slidejax.nn.value_and_grad` and :class:`slidejax.optim.Optimizer` give it
+  row-sparse gradients and updates.
   """
 
 
@@ -25,7 +26,7 @@ class RowDelta(nnx.Variable):
 
   A layer with RowParam ``kernel`` has its perturbation in ``kernel_delta`` (likewise bias).
 
-  Attached by :func:`slidejax.train.attach_row_deltas`; absent in plain use.
+  Attached by :func:`slidejax.nn.value_and_grad` for one differentiation; absent otherwise.
   """
 
 
