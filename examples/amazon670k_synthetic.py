@@ -25,7 +25,8 @@ def main() -> None:
   trn, tst = xcdata.synthesize_split(**preset, seed=0)
   print(f"{trn.num_points} train / {tst.num_points} test points, {trn.num_features} features, "
         f"{trn.num_labels} labels")
-  config = train.TrainConfig(num_active=args.num_active, hash=args.hash, epochs=args.epochs,
+  config = train.TrainConfig(**train.CLASSIC, num_active=args.num_active, hash=args.hash,
+                             epochs=args.epochs,
                              time_budget=args.time_budget, eval_every=200, eval_points=1000)
   result = train.fit(config, trn, xcdata.subset(tst, range(min(5000, tst.num_points))))
   print(f"P@1 {result['p@1']:.4f}  P@5 {result['p@5']:.4f}  {result['steps']} steps in "

@@ -47,8 +47,8 @@ def load(source: str):
 
 def screen_training(trn, val, budget: float, configs: list[str]) -> None:
   for spec in configs:
-    config = train.TrainConfig(epochs=1000, time_budget=budget, eval_points=VALIDATION_POINTS,
-                               **json.loads(spec))
+    config = train.TrainConfig(**{**train.CLASSIC, "epochs": 1000, "time_budget": budget,
+                                  "eval_points": VALIDATION_POINTS, **json.loads(spec)})
     r = train.fit(config, trn, val, progress=False, log=lambda m: None)
     print(json.dumps({"config": spec, "p@1": round(r["p@1"], 4), "p@5": round(r["p@5"], 4),
                       "steps": r["steps"], "seconds": round(r["train_seconds"], 1),
@@ -56,7 +56,7 @@ def screen_training(trn, val, budget: float, configs: list[str]) -> None:
 
 
 def screen_retrieval(trn, val, budget: float, configs: list[str]) -> None:
-  r = train.fit(train.TrainConfig(sampler="uniform", num_active=4096, epochs=1000,
+  r = train.fit(train.TrainConfig(**train.CLASSIC, sampler="uniform", num_active=4096, epochs=1000,
                                   time_budget=budget), trn, val, progress=False,
                 log=lambda m: None)
   model, cfg = r["model"], r["config"]

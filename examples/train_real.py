@@ -31,7 +31,8 @@ def main() -> None:
   trn = xcdata.read_xc(args.train_path)
   tst = xcdata.read_xc(args.test_path)
   num_active = args.num_active or max(16, trn.num_labels // 4)
-  common = dict(hidden=args.hidden, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+  common = dict(train.CLASSIC, hidden=args.hidden, lr=args.lr, epochs=args.epochs,
+                batch_size=args.batch_size,
                 seed=args.seed)
   for name, config in (
       ("slide", train.TrainConfig(num_active=num_active, l=16, **common)),

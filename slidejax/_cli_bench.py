@@ -50,8 +50,16 @@ def add_parser(subparsers) -> None:
   p.add_argument("--probe-every", type=int, default=0, metavar="STEPS",
                  help="selection telemetry of every sparse run every N steps")
   p.add_argument("--preset", default="mid", help="synthetic preset for --time-to-accuracy")
-  p.add_argument("--train", help="training file (XC format) for --time-to-accuracy")
-  p.add_argument("--test", help="test file (XC format) for --time-to-accuracy")
+  p.add_argument("--accuracy", action="store_true",
+                 help="slidejax (train's defaults and --time-budget) beside napkinXC's PLT "
+                      "and Omikuji (when installed: pip install 'slidejax[trees]') on each "
+                      "--train/--test pair: P@1/3/5, PSP@5, training and prediction seconds")
+  p.add_argument("--methods", default="slidejax,napkinxc,omikuji",
+                 help="--accuracy: comma-separated methods (default: %(default)s)")
+  p.add_argument("--train", action="append",
+                 help="training file (XC format) for --time-to-accuracy (one) or --accuracy "
+                      "(repeat with --test for several data sets)")
+  p.add_argument("--test", action="append", help="test file (XC format), one per --train")
   p.add_argument("--epochs", type=int, default=3)
   p.add_argument("--num-active", type=int, default=4096,
                  help="num_active of the shared-mode runs (default: %(default)s)")
@@ -118,15 +126,17 @@ def _tta_runs(args, num_labels: int, common: dict) -> dict:
 def _time_to_accuracy(args) -> dict:
   from slidejax import data as xcdata
   from slidejax.bench import steps
+  from slidejax import train
   from slidejax.bench import time_to_accuracy as tta
   if args.train:
-    trn = xcdata.read_xc(args.train)
-    tst = xcdata.read_xc(args.test) if args.test else None
-    if tst is None:
-      raise ValueError("--train needs --test for --time-to-accuracy")
+    if len(args.train) != 1 or len(args.test or []) != 1:
+      raise ValueError("--time-to-accuracy takes one --train and one --test")
+    trn = xcdata.read_xc(args.train[0])
+    tst = xcdata.read_xc(args.test[0])
   else:
     trn, tst = xcdata.synthesize_split(**xcdata.SYNTH_PRESETS[args.preset], seed=0)
-  common = dict(epochs=args.epochs, lr=args.lr, eval_every=args.eval_every,
+  # the classic network and constant rate: the curves compare samplers step for step
+  common = dict(train.CLASSIC, epochs=args.epochs, lr=args.lr, eval_every=args.eval_every,
                 eval_points=args.eval_points, time_budget=args.time_budget,
                 batch_size=args.batch_size or 128, hidden=args.hidden or 128)
   runs = _tta_runs(args, trn.num_labels, common)
@@ -153,9 +163,33 @@ def _step_hashing(args) -> dict:
   return hashing
 
 
+def _accuracy(args) -> dict:
+  from slidejax import train
+  from slidejax.bench import accuracy
+  pairs = list(zip(args.train or [], args.test or []))
+  if not pairs or len(args.train) != len(args.test or []):
+    raise ValueError("--accuracy needs --train and --test, as many of each")
+  methods = [m for m in args.methods.split(",") if m]
+  unknown = sorted(set(methods) - set(accuracy.METHODS))
+  if unknown:
+    raise ValueError(f"--methods: unknown {', '.join(unknown)} (known: "
+                     f"{', '.join(accuracy.METHODS)})")
+  config = train.TrainConfig(time_budget=args.time_budget)
+  train.check_options(config)
+  results = {}
+  for train_path, test_path in pairs:
+    name = pathlib.Path(train_path).stem.removesuffix("_train")
+    results[name] = accuracy.compare(train_path, test_path, methods=methods, config=config,
+                                     log=lambda m: print(m, file=sys.stderr))
+  print(accuracy.table(results))
+  return results
+
+
 def run(args) -> int:
   try:
-    if args.time_to_accuracy:
+    if args.accuracy:
+      result = _accuracy(args)
+    elif args.time_to_accuracy:
       result = _time_to_accuracy(args)
     elif args.label_scaling is not None:
       from slidejax.bench import steps
@@ -180,7 +214,7 @@ def run(args) -> int:
             f"{result['dense_step_ms']:.1f} ms: {result['speedup']:.1f}x; "
             f"peak RSS {result['peak_rss_mb']:.0f} MB (parameters + Adam state "
             f"{result['params_and_adam_mb']:.0f} MB)")
-  except ValueError as err:
+  except (ValueError, OSError) as err:
     print(f"slidejax bench: error: {err}", file=sys.stderr)
     return 2
   if args.json:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -108,6 +109,10 @@ def run_stats(args) -> int:
     return 2
   for warning in caught:
     print(f"warning: {warning.message}", file=sys.stderr)
+  if data.num_points == 0:   # as `train` refuses it: nothing to describe
+    what = "the file is empty" if os.path.getsize(args.path) == 0 else "no data rows"
+    print(f"slidejax data stats: error: {args.path}: {what} (0 points)", file=sys.stderr)
+    return 2
   stats = compute_stats(data)
   stats["read_seconds"] = read_seconds
   stats["peak_rss_mib"] = peak_rss_mib()

@@ -1,6 +1,7 @@
 """``slidejax train``: train a SLIDE (or dense) network on XC data or the synthetic default."""
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import sys
@@ -19,38 +20,73 @@ def add_parser(subparsers) -> None:
   p.add_argument("--preset", default=DEFAULT_PRESET,
                  help="synthetic preset when no --train is given (default: %(default)s)")
   p.add_argument("--strict", action="store_true", help="treat data warnings as errors")
-  p.add_argument("--hidden", type=int, default=128)
-  p.add_argument("--sampler", choices=("lsh", "uniform", "unigram"), default="lsh",
+  p.add_argument("--hidden", type=int, help="embedding width (default: 512)")
+  p.add_argument("--dropout", type=_auto_or(float), metavar="RATE|auto",
+                 help="dropout rate on the embedding while training; auto: 0.7 below "
+                      "100,000 training rows, else 0.3 (default: auto)")
+  p.add_argument("--weight-decay", type=float,
+                 help="AdamW's decoupled weight decay; sparse rows decay when touched "
+                      "(default: 0)")
+  p.add_argument("--residual", action="store_true", default=None,
+                 help="add a residual block h + relu(W h + b) after the embedding")
+  p.add_argument("--output-init", choices=("fan_in", "small"),
+                 help="output rows drawn with std 1/sqrt(hidden) or 1/sqrt(labels) "
+                      "(default: small)")
+  p.add_argument("--loss", choices=("softmax", "sigmoid"),
+                 help="softmax over the active set (or every label), or one-vs-all sigmoid "
+                      "over the active set (default: softmax)")
+  p.add_argument("--sampler", choices=("lsh", "uniform", "unigram"),
                  help="where negatives come from: LSH tables, uniform random ids, or the "
                       "training label frequency^0.75 with the log-q correction; the last two "
-                      "build no tables and take no hash options (default: %(default)s)")
+                      "build no tables and take no hash options (default: lsh)")
   add_hash_options(p)
-  p.add_argument("--correction", choices=("none", "logq"), default="none",
+  p.add_argument("--correction", choices=("none", "logq"),
                  help="logq: the random part of the active set stands in for every neuron "
                       "not selected (log-q logit correction; lsh and uniform samplers; "
-                      "unigram always corrects) (default: %(default)s)")
-  p.add_argument("--num-active", type=int, default=2048)
-  p.add_argument("--mode", choices=("shared", "per_sample"), default="shared")
+                      "unigram always corrects) (default: none)")
+  p.add_argument("--num-active", type=_auto_or(int), metavar="N|auto",
+                 help="neurons of the output layer computed per step; auto: every one (the "
+                      "dense softmax) up to 8192 labels, else 1/16 of them rounded to a "
+                      "power of two, 2048 to 8192 (default: auto)")
+  p.add_argument("--mode", choices=("shared", "per_sample"),
+                 help="one active set for the batch, or one per sample (default: shared)")
   p.add_argument("--no-in-batch-negatives", dest="in_batch_negatives", action="store_false",
+                 default=None,
                  help="per_sample: do not add the batch's labels to each sample's set")
-  p.add_argument("--probe-every", type=int, default=0, metavar="STEPS",
+  p.add_argument("--probe-every", type=int, metavar="STEPS",
                  help="selection telemetry every N steps (recall of the exact top logits in "
                       "the active set, table share, bucket occupancy; not timed)")
   p.add_argument("--builder", choices=("host", "jax"), default=None,
                  help="table builder/query backend (default: host on CPU, jax elsewhere)")
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--lr", type=float, default=1e-3)
-  p.add_argument("--epochs", type=int, default=5)
-  p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
-  p.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
+  p.add_argument("--batch-size", type=int, help="default: 128")
+  p.add_argument("--lr", type=_auto_or(float), metavar="RATE|auto",
+                 help="peak learning rate of AdamW; auto: 0.001 for a dense output layer, "
+                      "0.003 for a sparse one (default: auto)")
+  p.add_argument("--schedule", choices=("cosine", "linear", "constant"),
+                 help="learning rate over the planned steps (the epochs, or what "
+                      "--time-budget buys) (default: cosine)")
+  p.add_argument("--epochs", type=_auto_or(int), metavar="N|auto",
+                 help="auto: up to 4-100 epochs (about 5,000 steps; with --time-budget, up to "
+                      "100), ended by early stopping on a validation split (default: auto)")
+  p.add_argument("--validation", type=_auto_or(float), metavar="SHARE|auto",
+                 help="share of the training rows held out (seeded by --seed) to validate "
+                      "on, stop early and keep the best model; auto: 10%% (200-5,000 rows) "
+                      "with --epochs auto, else none (default: auto)")
+  p.add_argument("--patience", type=int,
+                 help="validations without a new best before stopping (default: 3)")
+  p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                 help="training seconds granted: the step count they buy is measured early "
+                      "and the learning-rate schedule spans it")
+  p.add_argument("--eval-every", type=int, metavar="STEPS",
                  help="evaluate P@k on --eval-points test rows every N steps (0: at the end)")
-  p.add_argument("--eval-points", type=int, default=2000)
-  p.add_argument("--max-features", type=int, default=None)
-  p.add_argument("--max-labels", type=int, default=None)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--dense", action="store_true", help="the dense full-softmax baseline")
+  p.add_argument("--eval-points", type=int, help="default: 2000")
+  p.add_argument("--max-features", type=int)
+  p.add_argument("--max-labels", type=int)
+  p.add_argument("--seed", type=int, help="model, batches and validation split (default: 0)")
+  p.add_argument("--dense", action="store_true", default=None,
+                 help="the dense full-softmax baseline")
   p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory")
-  p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
+  p.add_argument("--checkpoint-every", type=int, metavar="STEPS")
   p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
   p.add_argument("--save", metavar="DIR",
                  help="save the trained model to DIR (a new or empty directory): an orbax "
@@ -97,14 +133,15 @@ def add_hash_options(p) -> None:
   p.add_argument("--redraw-every", type=int, help="new hash functions every n-th rebuild")
 
 
-def hash_settings(args) -> dict:
+def hash_settings(args, sampler: str | None = None) -> dict:
   """The LSH options given on the command line; refused (ValueError) with a sampler that
-  does not hash."""
+  does not hash (``sampler``: the run's, default ``args.sampler``)."""
+  sampler = sampler or args.sampler
   given = {name: getattr(args, name) for name in HASH_OPTIONS
            if getattr(args, name, None) is not None}
-  if given and args.sampler != "lsh":
+  if given and sampler != "lsh":
     flags = ", ".join(HASH_OPTIONS[name] for name in given)
-    raise ValueError(f"{flags}: hash options need --sampler lsh (--sampler {args.sampler} "
+    raise ValueError(f"{flags}: hash options need --sampler lsh (--sampler {sampler} "
                      f"builds no tables)")
   return given
 
@@ -120,20 +157,42 @@ def load_data(args):
   if args.test:
     raise ValueError("--test needs --train")
   preset = xcdata.SYNTH_PRESETS[args.preset]
-  train, test = xcdata.synthesize_split(**preset, seed=args.seed)
+  train, test = xcdata.synthesize_split(**preset, seed=0 if args.seed is None else args.seed)
   return train, test, f"synthetic preset {args.preset!r}"
 
 
+# TrainConfig fields set by flags of the same name (None: not given, TrainConfig's default)
+CONFIG_FLAGS = ("hidden", "dropout", "weight_decay", "residual", "output_init", "loss",
+                "num_active", "mode", "sampler", "batch_size", "lr", "schedule", "epochs",
+                "validation", "patience", "time_budget", "eval_every", "eval_points", "seed",
+                "max_features", "max_labels", "dense", "builder", "checkpoint_every",
+                "probe_every", "correction", "in_batch_negatives")
+
+
+def _auto_or(kind):
+  """argparse type: the word ``auto`` or a ``kind`` number."""
+  def parse(text: str):
+    if text == "auto":
+      return "auto"
+    try:
+      return kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected auto or {kind.__name__}, got {text!r}")
+  parse.__name__ = f"auto or {kind.__name__}"
+  return parse
+
+
 def config_from_args(args):
+  """The TrainConfig of the flags given (TrainConfig's defaults for the rest); TrainingError
+  for values outside their meaning (exit 2)."""
   from slidejax.train import TrainConfig
-  return TrainConfig(
-      hidden=args.hidden, num_active=args.num_active, mode=args.mode, sampler=args.sampler,
-      batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, time_budget=args.time_budget,
-      eval_every=args.eval_every, eval_points=args.eval_points, seed=args.seed,
-      max_features=args.max_features, max_labels=args.max_labels, dense=args.dense,
-      builder=args.builder, checkpoint_every=args.checkpoint_every,
-      probe_every=args.probe_every, correction=args.correction,
-      in_batch_negatives=args.in_batch_negatives, **hash_settings(args))
+  from slidejax.train import check_options
+  given = {name: getattr(args, name) for name in CONFIG_FLAGS
+           if getattr(args, name, None) is not None}
+  sampler = given.get("sampler", TrainConfig.sampler)
+  config = TrainConfig(**given, **hash_settings(args, sampler))
+  check_options(config)
+  return config
 
 
 def _provide_cpu_devices(mesh_spec: str) -> None:

@@ -270,8 +270,8 @@ def test_per_sample_mode_learns_at_100k_labels():
   has_top = np.array([top in tst.label_ids[tst.label_indptr[i]:tst.label_indptr[i + 1]]
                       for i in range(tst.num_points)])
   popularity_p1 = has_top.mean()
-  config = train.TrainConfig(hidden=32, num_active=256, mode="per_sample", l=16, epochs=3,
-                             batch_size=128, lr=3e-3, eval_points=1000,
+  config = train.TrainConfig(**{**train.CLASSIC, "hidden": 32, "lr": 3e-3}, num_active=256,
+                             mode="per_sample", l=16, epochs=3, batch_size=128, eval_points=1000,
                              uniform_share=0.5, in_batch_negatives=True)
   result = train.fit(config, trn, tst, progress=False, log=lambda m: None)
   assert result["rebuilds"] >= 2          # the tables were in use, and rebuilt

@@ -125,12 +125,13 @@ def test_fit_learns_and_reports(tmp_path):
 def test_resume_equals_uninterrupted_run(tmp_path):
   trn, tst = _tiny_data(points=700)
   base = dict(hidden=16, l=4, num_active=32, batch_size=64, lr=5e-3, rebuild_first=5,
-              rebuild_growth=1.5, seed=3)
+              rebuild_growth=1.5, seed=3, schedule="constant")
   full = train.fit(train.TrainConfig(epochs=3, **base), trn, tst, progress=False)
   ckdir = tmp_path / "ck"
   train.fit(train.TrainConfig(epochs=2, **base), trn, tst, checkpoint_dir=str(ckdir),
             progress=False)
-  # The epoch count is not part of the state: extending the run continues it exactly.
+  # The epoch count is not part of the state: extending a run of constant learning rate
+  # continues it exactly (a decaying schedule is re-planned over the new epochs).
   resumed = train.fit(train.TrainConfig(epochs=3, **base), trn, tst, checkpoint_dir=str(ckdir),
                       resume=True, progress=False)
   assert resumed["steps"] == full["steps"]
@@ -183,11 +184,13 @@ def test_nan_loss_stops_with_step_and_keeps_the_last_good_checkpoint(tmp_path):
     assert kept == bad_step - 1, (kept, bad_step)
     meta = checkpoints.read_meta(kept)
     assert meta["position"]["step"] == kept
-    trainer = train.Trainer(train.build_model(dataclasses.replace(cfg, max_features=None),
-                                              trn.num_features, trn.num_labels),
-                            optax.adam(cfg.lr))
-    state, _, _ = checkpoints.restore(
-        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer.state), kept)
+    resolved, _ = train.resolve_config(cfg, trn)
+    trainer = train.Trainer(train.build_model(resolved, trn.num_features, trn.num_labels),
+                            optax.inject_hyperparams(optax.adamw)(learning_rate=cfg.lr,
+                                                                  weight_decay=0.0))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer.state)
+    state, _, _ = checkpoints.restore({"trainer": abstract, "best": {}}, kept)
+    state = state["trainer"]
   params = jax.tree.leaves(nnx.state(state, nnx.Param))
   assert params and all(bool(jnp.all(jnp.isfinite(x))) for x in params)
 

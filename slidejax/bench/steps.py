@@ -174,7 +174,7 @@ def _breakdown(runner: _Runner, s: Scenario, repeats: int = 5) -> dict:
     r0 = time.perf_counter()
     trainer.rebuild()
     rebuild_s = time.perf_counter() - r0
-  rebuilds = len(train.TrainConfig().schedule().rebuild_steps(AMORTIZE_STEPS))
+  rebuilds = len(train.TrainConfig().rehash_schedule().rebuild_steps(AMORTIZE_STEPS))
   if not out_layer.uses_tables:
     rebuild_s = rebuilds = 0.0
   return {"query_ms": query_ms, "gradients_ms": grads_ms, "rebuild_seconds": rebuild_s,

@@ -302,8 +302,12 @@ def _constructor(path: pathlib.Path, spec: dict | None):
   cls = spec.get("class")
   sizes = [_int_field(path, spec, n) for n in ("num_features", "num_labels", "hidden")]
   num_features, num_labels, hidden = sizes
+  # trunk options (absent from files of slidejax 0.1: no dropout, no residual block)
+  trunk = dict(hidden=hidden, dropout=float(spec.get("dropout", 0.0)),
+               residual=bool(spec.get("residual", False)),
+               output_init=str(spec.get("output_init", "small")))
   if cls == "DenseMLP":
-    return lambda: DenseMLP(num_features, num_labels, hidden=hidden, rngs=nnx.Rngs(0))
+    return lambda: DenseMLP(num_features, num_labels, rngs=nnx.Rngs(0), **trunk)
   if cls != "SlideMLP":
     raise ModelFileError(f"{path}: unknown model class {cls!r} (known: SlideMLP, DenseMLP); "
                          "pass model= to load it")
@@ -313,7 +317,7 @@ def _constructor(path: pathlib.Path, spec: dict | None):
   options = dict(options)
   if options.get("sampler") == "unigram":   # the stored CDF replaces these counts
     options["label_counts"] = np.ones(num_labels, np.float32)
-  return lambda: SlideMLP(num_features, num_labels, hidden=hidden, rngs=nnx.Rngs(0), **options)
+  return lambda: SlideMLP(num_features, num_labels, rngs=nnx.Rngs(0), **trunk, **options)
 
 
 def _abstract_model(path: pathlib.Path, spec: dict | None) -> nnx.Module:

@@ -67,6 +67,38 @@ def evaluate_sharded(state: ShardedSlideState, data, *, batch_size: int, max_fea
                         points=points, k=k)
 
 
+# what the sharded stack (until it becomes a layout of the one model) does not support
+_MESH_UNSUPPORTED = {"dropout": 0.0, "weight_decay": 0.0, "residual": False,
+                     "loss": "softmax", "dense": False}
+
+
+def _mesh_config(config, train, log):
+  """``config`` for the sharded stack: ``auto`` sizes resolved (every label active when
+  the one-device default would be dense; 5 epochs, as it has no validation split), options
+  it lacks refused."""
+  from slidejax.train import CLASSIC
+  from slidejax.train import TrainingError
+  from slidejax.train import _plan
+  for name in ("dropout", "lr"):   # no dropout; the sharded stack's constant Adam rate
+    if getattr(config, name) == "auto":
+      config = dataclasses.replace(config, **{name: CLASSIC[name]})
+  unsupported = [name for name, default in _MESH_UNSUPPORTED.items()
+                 if getattr(config, name) != default]
+  if unsupported or config.validation not in ("auto", 0, 0.0):
+    names = ", ".join(unsupported + (["validation"] if config.validation not in
+                                     ("auto", 0, 0.0) else []))
+    raise TrainingError(f"--mesh does not support {names} yet")
+  if config.num_active == "auto":
+    config = dataclasses.replace(
+        config, num_active=_plan.auto_num_active(train.num_labels) or train.num_labels)
+  if config.epochs == "auto":
+    config = dataclasses.replace(config, epochs=5)
+    log("--mesh: --epochs auto means 5 epochs (no validation split under --mesh yet)")
+  log("--mesh: constant learning rate, output rows drawn with std 1/sqrt(labels) "
+      "(--schedule and --output-init do not apply yet)")
+  return dataclasses.replace(config, validation=0.0)
+
+
 def train_sharded(config, train, test=None, mesh_spec: str = "data=1,model=1", *,
                   num_active_per_shard: int | None = None, devices=None, progress: bool = False,
                   log=print) -> dict[str, Any]:
@@ -95,6 +127,7 @@ def train_sharded(config, train, test=None, mesh_spec: str = "data=1,model=1", *
   from slidejax.train import validate
   sizes = parse_mesh(mesh_spec)
   validate(config, train, test)
+  config = _mesh_config(config, train, log)
   widths = xcdata.suggest_widths(train)
   max_features = config.max_features or int(widths[0])
   max_labels = config.max_labels or int(widths[1])
@@ -112,7 +145,7 @@ def train_sharded(config, train, test=None, mesh_spec: str = "data=1,model=1", *
         f"{layout.num_active} active per shard; output layer per device: "
         f"{_megabytes(per_device_bytes(state))}")
   rebuild_key = jax.random.fold_in(base_key, 0x5EED)
-  schedule = config.schedule()
+  schedule = config.rehash_schedule()
   position = {"step": 0, "train_seconds": 0.0, "rebuilds": 0, "rebuild_seconds": 0.0,
               "history": []}
   bar = None

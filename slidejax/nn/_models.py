@@ -14,30 +14,76 @@ from slidejax.nn._slide_dense import SlideOutput
 from slidejax.nn._sparse_input import SparseInput
 
 
-class SlideMLP(nnx.Module):
-  """Bag of features -> ``hidden`` ReLU units -> ``num_labels`` outputs through LSH.
+OUTPUT_INITS = ("small", "fan_in")
 
-  Every keyword accepted by :class:`SlideDense` (``hash``, ``k``, ``l``, ``num_active``,
-  ``mode``, ...) configures the output layer.
-  """
 
-  def __init__(self, num_features: int, num_labels: int, *, hidden: int = 128,
-               rngs: nnx.Rngs, **output_options):
+def output_initializer(name: str, num_labels: int, hidden: int) -> nnx.Initializer:
+  """The output kernel's ``[num_labels, hidden]`` initializer: ``small`` draws rows with std
+  ``1/sqrt(num_labels)`` (near-zero logits at the start; the default, chosen by measurement:
+  see the README), ``fan_in`` std ``1/sqrt(hidden)`` (lecun-normal over a logit's fan-in)."""
+  if name not in OUTPUT_INITS:
+    raise ValueError(f"output_init {name!r} is not one of {OUTPUT_INITS}")
+  return lecun_rows(hidden if name == "fan_in" else num_labels)
+
+
+class _Trunk(nnx.Module):
+  """What :class:`SlideMLP` and :class:`DenseMLP` share: the bag-of-features embedding
+  (``[num_features, hidden]``, ReLU), dropout on it in training calls, and an optional
+  residual block ``h + relu(W h + b)``."""
+
+  def _init_trunk(self, num_features: int, num_labels: int, hidden: int, dropout: float,
+                  residual: bool, rngs: nnx.Rngs) -> dict:
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if hidden <= 0 or num_features <= 0 or num_labels <= 0:
+      raise ValueError(f"sizes must be positive, got num_features={num_features}, "
+                       f"num_labels={num_labels}, hidden={hidden}")
     self.num_features = num_features
     self.num_labels = num_labels
     self.embed = SparseInput(num_features, hidden, rngs=rngs)
-    self.output = SlideDense(hidden, num_labels, rngs=rngs, **output_options)
-    # what rebuilds this model (slidejax.save writes it): sizes and every resolved option
-    self.spec = {"class": "SlideMLP", "num_features": num_features, "num_labels": num_labels,
-                 "hidden": hidden, "output": dict(self.output.resolved_options)}
+    self.block = nnx.Linear(hidden, hidden, rngs=rngs) if residual else nnx.data(None)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else nnx.data(None)
+    return {"num_features": num_features, "num_labels": num_labels, "hidden": hidden,
+            "dropout": float(dropout), "residual": bool(residual)}
 
   def hidden(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
-    """``[B, F]`` ids and values -> float32 ``[B, hidden]``."""
-    return jax.nn.relu(self.embed(feature_ids, feature_values))
+    """``[B, F]`` ids and values -> float32 ``[B, hidden]`` (no dropout: for predictions)."""
+    return self._hidden(feature_ids, feature_values, training=False)
+
+  def _hidden(self, feature_ids, feature_values, *, training: bool) -> jax.Array:
+    h = jax.nn.relu(self.embed(feature_ids, feature_values))
+    if training and self.dropout is not None:
+      h = self.dropout(h)
+    if self.block is not None:
+      h = h + jax.nn.relu(self.block(h))
+    return h
+
+
+class SlideMLP(_Trunk):
+  """Bag of features -> ``hidden`` ReLU units -> ``num_labels`` outputs through LSH.
+
+  ``dropout``: rate on the embedding in calls (training; not in :meth:`top_k`, nor after
+  ``model.eval()``; draws from the ``dropout`` stream of ``rngs``, else its default one);
+  ``residual``: a residual block ``h + relu(W h + b)`` after the embedding; ``output_init``:
+  see :func:`output_initializer`. Every other keyword accepted by :class:`SlideDense` (``hash``,
+  ``k``, ``l``, ``num_active``, ``mode``, ...) configures the output layer.
+  """
+
+  def __init__(self, num_features: int, num_labels: int, *, hidden: int = 128,
+               dropout: float = 0.0, residual: bool = False, output_init: str = "small",
+               rngs: nnx.Rngs, **output_options):
+    trunk = self._init_trunk(num_features, num_labels, hidden, dropout, residual, rngs)
+    self.output = SlideDense(hidden, num_labels, rngs=rngs,
+                             kernel_init=output_initializer(output_init, num_labels, hidden),
+                             **output_options)
+    # what rebuilds this model (slidejax.save writes it): sizes and every resolved option
+    self.spec = {"class": "SlideMLP", **trunk, "output_init": output_init,
+                 "output": dict(self.output.resolved_options)}
 
   def __call__(self, feature_ids: jax.Array, feature_values: jax.Array, *,
                labels: jax.Array | None = None, key: jax.Array | None = None) -> SlideOutput:
-    return self.output(self.hidden(feature_ids, feature_values), labels=labels, key=key)
+    h = self._hidden(feature_ids, feature_values, training=True)
+    return self.output(h, labels=labels, key=key)
 
   def top_k(self, feature_ids: jax.Array, feature_values: jax.Array, k: int, *,
             exact: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -79,32 +125,29 @@ def dense_softmax_loss(logits: jax.Array, label_ids: jax.Array,
   return softmax_cross_entropy(logits, slots, sample_weight)
 
 
-class DenseMLP(nnx.Module):
-  """The dense baseline: the same network as :class:`SlideMLP` with a full softmax output.
+class DenseMLP(_Trunk):
+  """The dense baseline: the same network as :class:`SlideMLP` (same options) with a full
+  softmax output.
 
   The output kernel is stored ``[num_labels, hidden]`` (one row per label, like SlideDense),
   so a trained dense model and a SLIDE model are interchangeable for inference.
   """
 
   def __init__(self, num_features: int, num_labels: int, *, hidden: int = 128,
+               dropout: float = 0.0, residual: bool = False, output_init: str = "small",
                rngs: nnx.Rngs):
-    self.num_features = num_features
-    self.num_labels = num_labels
-    self.embed = SparseInput(num_features, hidden, rngs=rngs)
-    self.kernel = nnx.Param(lecun_rows(num_labels)(rngs.params(), (num_labels, hidden)))
+    trunk = self._init_trunk(num_features, num_labels, hidden, dropout, residual, rngs)
+    init = output_initializer(output_init, num_labels, hidden)
+    self.kernel = nnx.Param(init(rngs.params(), (num_labels, hidden)))
     self.bias = nnx.Param(jnp.zeros((num_labels,), jnp.float32))
-    self.spec = {"class": "DenseMLP", "num_features": num_features, "num_labels": num_labels,
-                 "hidden": hidden}
-
-  def hidden(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
-    return jax.nn.relu(self.embed(feature_ids, feature_values))
+    self.spec = {"class": "DenseMLP", **trunk, "output_init": output_init}
 
   def __call__(self, feature_ids: jax.Array, feature_values: jax.Array, *,
                labels: jax.Array | None = None) -> jax.Array:
     """Full logits float32 ``[B, num_labels]`` (``labels`` accepted for a common call with
     :class:`SlideMLP`, and unused: every label is computed)."""
     del labels
-    h = self.hidden(feature_ids, feature_values)
+    h = self._hidden(feature_ids, feature_values, training=True)
     return h @ self.kernel[...].T + self.bias[...]
 
   def top_k(self, feature_ids: jax.Array, feature_values: jax.Array, k: int, *,

@@ -1,12 +1,15 @@
 """Training: the compiled public-path step, rehash schedules and the training loop."""
 
-from slidejax.train._loop import TrainConfig
-from slidejax.train._loop import TrainingDiverged
-from slidejax.train._loop import TrainingError
+from slidejax.train._config import CLASSIC
+from slidejax.train._config import TrainConfig
+from slidejax.train._config import TrainingDiverged
+from slidejax.train._config import TrainingError
+from slidejax.train._config import check_options
+from slidejax.train._config import resolve_config
+from slidejax.train._config import validate
 from slidejax.train._loop import build_model
 from slidejax.train._loop import evaluate_model
 from slidejax.train._loop import fit
-from slidejax.train._loop import validate
 from slidejax.train._schedule import RehashSchedule
 from slidejax.train._schedule import fixed_interval
 from slidejax.train._step import StepMetrics

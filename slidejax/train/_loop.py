@@ -20,7 +20,12 @@ from slidejax.nn import DenseMLP
 from slidejax.nn import SlideMLP
 from slidejax.checkpoint import CheckpointError
 from slidejax.checkpoint import TrainingCheckpoints
-from slidejax.train._schedule import RehashSchedule
+from slidejax.train import _plan
+from slidejax.train._config import TrainConfig
+from slidejax.train._config import TrainingDiverged
+from slidejax.train._config import TrainingError
+from slidejax.train._config import resolve_config
+from slidejax.train._config import validate
 from slidejax.train._step import TrainBatch
 from slidejax.train._step import Trainer
 
@@ -30,67 +35,8 @@ from slidejax.train._step import Trainer
 # of an epoch read them at once.
 LOSS_CHECK_STEPS = 16
 
-class TrainingError(ValueError):
-  """Bad training input or configuration, raised before any training time is spent."""
-
-
-class TrainingDiverged(FloatingPointError):
-  """The loss became NaN or infinite."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Configuration of a training run (the ``slidejax train`` flags)."""
-  hidden: int = 128
-  hash: str = "simhash"
-  k: int | None = None
-  l: int = 50
-  bucket_capacity: int = 128
-  range_bits: int | None = None
-  num_active: int = 2048
-  policy: str = "vanilla"
-  threshold: int = 2
-  mode: str = "shared"
-  batch_size: int = 128
-  lr: float = 1e-3
-  epochs: int = 5
-  time_budget: float | None = None   # training seconds; stops within 16 steps after it
-  eval_every: int = 0
-  eval_points: int = 2000
-  seed: int = 0
-  max_features: int | None = None
-  max_labels: int | None = None
-  dense: bool = False
-  rebuild_first: int = 50
-  rebuild_growth: float = 2.0
-  rebuild_max_interval: int = 2000
-  redraw_every: int = 0
-  builder: str | None = None
-  checkpoint_every: int = 0
-  sampler: str = "lsh"
-  uniform_share: float = 0.5
-  correction: str = "none"
-  transform: str = "none"
-  in_batch_negatives: bool = True
-  loss: str = "softmax"   # or "sigmoid": one-vs-all over the active set
-  probe_every: int = 0   # selection telemetry (slidejax.nn.selection_probe) every n steps
-
-  # Fields that shape the model and its state: a checkpoint must agree on all of them.
-  STATE_FIELDS = ("hidden", "hash", "k", "l", "bucket_capacity", "range_bits", "num_active",
-                  "policy", "mode", "batch_size", "max_features", "max_labels", "dense",
-                  "seed", "lr", "sampler", "uniform_share", "correction", "transform", "loss",
-                  "in_batch_negatives")
-
-  @property
-  def uses_tables(self) -> bool:
-    """Whether the run selects through LSH tables (and so rebuilds them)."""
-    return not self.dense and self.sampler == "lsh"
-
-  def schedule(self) -> RehashSchedule:
-    return RehashSchedule(first=self.rebuild_first, growth=self.rebuild_growth,
-                          max_interval=self.rebuild_max_interval,
-                          redraw_every=self.redraw_every)
-
+# The loop's clock (training seconds, the time budget's plan); tests may replace it.
+_now = time.perf_counter
 
 def _as_train_batch(batch) -> TrainBatch:
   return TrainBatch(np.asarray(batch.feature_ids, np.int32),
@@ -99,41 +45,14 @@ def _as_train_batch(batch) -> TrainBatch:
                     np.asarray(batch.rows).astype(np.int32))
 
 
-def validate(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None) -> None:
-  """Every input check that must fail before training starts."""
-  if train.num_points == 0:
-    raise TrainingError("the training set is empty (0 points)")
-  if len(train.label_ids) == 0:
-    raise TrainingError("the training set has no labels at all")
-  for name, part in (("train", train), ("test", test)):
-    if part is None:
-      continue
-    if len(part.label_ids) and int(part.label_ids.max()) >= train.num_labels:
-      raise TrainingError(f"{name} set: label id {int(part.label_ids.max())} is out of range "
-                          f"for {train.num_labels} labels")
-    if len(part.feature_ids) and int(part.feature_ids.max()) >= train.num_features:
-      raise TrainingError(f"{name} set: feature id {int(part.feature_ids.max())} is out of "
-                          f"range for {train.num_features} features")
-  if test is not None:
-    if test.num_features != train.num_features:
-      raise TrainingError(f"test set has {test.num_features} features, the training set (and "
-                          f"model) {train.num_features}")
-    if test.num_labels != train.num_labels:
-      raise TrainingError(f"test set has {test.num_labels} labels, the training set (and model) "
-                          f"{train.num_labels}")
-  if not config.dense and config.num_active > train.num_labels:
-    raise TrainingError(f"num_active={config.num_active} is larger than the output layer "
-                        f"({train.num_labels} labels); lower --num-active or use --dense")
-  if config.batch_size <= 0 or config.epochs <= 0:
-    raise TrainingError("batch size and epochs must be positive")
-
-
 def build_model(config: TrainConfig, num_features: int, num_labels: int,
                 label_counts=None) -> nnx.Module:
   """The network of ``config``; ``label_counts`` ``[num_labels]`` feed the unigram sampler."""
   rngs = nnx.Rngs(config.seed)
+  trunk = dict(hidden=config.hidden, dropout=config.dropout, residual=config.residual,
+               output_init=config.output_init)
   if config.dense:
-    return DenseMLP(num_features, num_labels, hidden=config.hidden, rngs=rngs)
+    return DenseMLP(num_features, num_labels, rngs=rngs, **trunk)
   sampling = dict(sampler=config.sampler, backend=config.builder, policy=config.policy,
                   threshold=config.threshold, uniform_share=config.uniform_share,
                   correction=config.correction, transform=config.transform,
@@ -145,8 +64,8 @@ def build_model(config: TrainConfig, num_features: int, num_labels: int,
   if config.sampler == "lsh":
     sampling.update(hash=config.hash, k=config.k, l=config.l,
                     bucket_capacity=config.bucket_capacity, range_bits=config.range_bits)
-  return SlideMLP(num_features, num_labels, hidden=config.hidden, num_active=config.num_active,
-                  mode=config.mode, rngs=rngs, **sampling)
+  return SlideMLP(num_features, num_labels, num_active=config.num_active, mode=config.mode,
+                  rngs=rngs, **trunk, **sampling)
 
 
 def evaluate_model(predict, data: xcdata.XCData, *, batch_size: int, max_features: int,
@@ -203,23 +122,47 @@ def _check_checkpoint_config(path: pathlib.Path, meta: dict, config: TrainConfig
 
 
 def _build_trainer(config: TrainConfig, train: xcdata.XCData) -> Trainer:
+  """The model of ``config`` and AdamW (learning rate and decay injected: the loop sets the
+  rate of every step from the run's schedule)."""
   from slidejax import nn
   model = build_model(config, train.num_features, train.num_labels,
                       xcdata.label_counts(train))
   loss = {"softmax": nn.sampled_softmax_loss, "sigmoid": nn.sampled_sigmoid_loss}[config.loss]
-  return Trainer(model, optax.adam(config.lr), loss=loss)
+  tx = optax.inject_hyperparams(optax.adamw)(learning_rate=config.lr,
+                                             weight_decay=config.weight_decay)
+  return Trainer(model, tx, loss=loss)
 
 
-def _restore(checkpoints: TrainingCheckpoints, trainer: Trainer, config: TrainConfig) -> dict:
-  """Loads the newest complete checkpoint into ``trainer``; returns its loop position."""
+def _copy_model_state(trainer: Trainer):
+  """A copy of the model's half of the trainer's state (the next step donates the original)."""
+  return jax.tree.map(lambda x: x.copy(), trainer.state[0])
+
+
+def _with_model_state(trainer: Trainer, model_state) -> None:
+  state = trainer.state
+  state[0] = model_state
+  trainer.state = state
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _restore(checkpoints: TrainingCheckpoints, trainer: Trainer, config: TrainConfig
+             ) -> tuple[dict, Any]:
+  """Loads the newest complete checkpoint into ``trainer``; returns its loop position and
+  the best model state it kept (None without one)."""
   step = checkpoints.latest_step()
   if step is None:
     raise CheckpointError(f"{checkpoints.directory}: no complete checkpoint to resume from")
   meta = checkpoints.read_meta(step)
   _check_checkpoint_config(pathlib.Path(checkpoints.directory), meta, config)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer.state)
-  trainer.state, meta, _ = checkpoints.restore(abstract, step)
-  return meta["position"]
+  has_best = meta["position"].get("best_saved", False)
+  abstract = {"trainer": _abstract(trainer.state),
+              "best": _abstract(trainer.state[0]) if has_best else {}}
+  state, meta, _ = checkpoints.restore(abstract, step)
+  trainer.state = state["trainer"]
+  return meta["position"], (state["best"] if has_best else None)
 
 
 def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = None, *,
@@ -227,17 +170,36 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
         keep_checkpoints: int = 2, log=print) -> dict:
   """Trains a SLIDE (or, with ``config.dense``, a dense) network and returns its results.
 
+  ``auto`` options are resolved from ``train`` first (:func:`resolve_config`). With a
+  validation share, that many training rows (drawn with ``config.seed``) are held out, the
+  model is validated every epoch (or every tenth of the run), training stops after
+  ``config.patience`` validations without a new best and the best model is restored. The
+  learning rate follows ``config.schedule`` over the planned steps: the epochs, or as many
+  steps as ``config.time_budget`` seconds buy at the step time measured over the first steps
+  (planned once; the plan, the best model and the early-stopping state are checkpointed, so
+  a resumed run continues exactly).
+
   Every step is :func:`slidejax.train.train_step` (the public ``value_and_grad`` and
   ``Optimizer`` path) through a :class:`Trainer`. Returns a dictionary with ``p@1``, ``p@3``,
-  ``p@5``, ``ndcg@5`` (and more metrics), ``train_seconds``, ``samples_per_second``,
-  ``steps``, ``rebuilds``, ``rebuild_seconds``, ``history`` (``{seconds, step, p@1}`` per
-  evaluation), ``probes`` (selection telemetry every ``config.probe_every`` steps, see
-  :func:`slidejax.nn.selection_probe`), ``config``, ``truncation``, ``checkpoint`` and
-  ``model`` (the trained model).
+  ``p@5``, ``ndcg@5``, ``psp@5`` (on ``test``), ``train_seconds``, ``samples_per_second``,
+  ``steps``, ``planned_steps``, ``rebuilds``, ``rebuild_seconds``, ``history``
+  (``{seconds, step, p@1}`` per test evaluation), ``validation`` (rows, seed, best step and
+  score, ``{step, seconds, score, p@1}`` per validation), ``probes`` (selection telemetry,
+  see :func:`slidejax.nn.selection_probe`), ``auto`` (what each ``auto`` option became),
+  ``config`` (resolved), ``truncation``, ``checkpoint`` and ``model`` (the trained model).
   Raises TrainingError (bad input), CheckpointError, TrainingDiverged (NaN/inf loss).
   """
   validate(config, train, test)
-  widths = xcdata.suggest_widths(train)
+  config, notes = resolve_config(config, train)
+  for name, note in notes.items():
+    log(f"--{name.replace('_', '-')} auto: {note}")
+  held_rows = _plan.validation_rows(train.num_points, config.validation)
+  part, held = _plan.split_validation(train, held_rows, config.seed)
+  if held is not None:
+    log(f"validation: {held_rows} of {train.num_points} training rows held out (seed "
+        f"{config.seed}); stops after {config.patience} validations without a better mean "
+        f"P@1/3/5 and keeps the best model")
+  widths = xcdata.suggest_widths(part)
   max_features = config.max_features or int(widths[0])
   max_labels = config.max_labels or int(widths[1])
   if not config.dense and config.mode == "per_sample" and max_labels > config.num_active:
@@ -248,67 +210,160 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
   checkpoints = (TrainingCheckpoints(checkpoint_dir, keep=keep_checkpoints)
                  if checkpoint_dir else None)
   try:
-    return _fit(config, train, test, checkpoints, resume=resume, progress=progress, log=log)
+    result = _fit(config, part, held, test, checkpoints, resume=resume, progress=progress,
+                  log=log, propensity_source=train)
   finally:
     if checkpoints is not None:
       checkpoints.close()
+  result["auto"] = notes
+  return result
+class _Run:
+  """The state of one ``fit``: trainer, loop position (what a checkpoint stores beside the
+  arrays), the best model so far, and the eager work between steps."""
+
+  def __init__(self, config: TrainConfig, train, held, test, checkpoints, *, log):
+    self.config, self.train, self.held, self.test = config, train, held, test
+    self.checkpoints, self.log = checkpoints, log
+    self.trainer = _build_trainer(config, train)
+    self.steps_per_epoch = math.ceil(train.num_points / config.batch_size)
+    epoch_steps = self.steps_per_epoch * config.epochs
+    horizon = None if config.time_budget else epoch_steps
+    self.position = {
+        "step": 0, "epoch": 0, "batch_index": 0, "train_seconds": 0.0, "rebuilds": 0,
+        "rebuild_seconds": 0.0, "history": [], "probes": [], "horizon": horizon,
+        "plan_from": None, "early": list(_plan.EarlyStopping()), "validations": [],
+        "best_saved": False}
+    self.best = None
+    self.last_checkpoint = None
+    self.pending: list[tuple[int, jax.Array]] = []
+    self.loss = float("nan")
+
+  # -- the plan -------------------------------------------------------------------------
+  @property
+  def horizon(self) -> int | None:
+    return self.position["horizon"]
+
+  def validation_every(self) -> int:
+    return _plan.validation_interval(self.steps_per_epoch,
+                                     self.horizon or self.steps_per_epoch * self.config.epochs)
+
+  def plan_budget(self) -> None:
+    """Turns the time budget into a step count, once, from the step time measured since the
+    first step (called when the losses were just read, so the times are real)."""
+    pos, budget = self.position, self.config.time_budget
+    if not budget or self.horizon is not None:
+      return
+    if pos["plan_from"] is None:
+      pos["plan_from"] = [pos["step"], pos["train_seconds"]]
+      return
+    steps = pos["step"] - pos["plan_from"][0]
+    seconds = pos["train_seconds"] - pos["plan_from"][1]
+    if steps >= _plan.PLAN_MIN_STEPS and seconds >= _plan.PLAN_SHARE * budget:
+      bought = _plan.budget_steps(budget, pos["train_seconds"], pos["step"], seconds / steps)
+      pos["horizon"] = min(bought, self.steps_per_epoch * self.config.epochs)
+      self.log(f"time budget {budget:g} s: {seconds / steps * 1e3:.1f} ms per step, "
+               f"{pos['horizon']} steps planned")
+
+  def set_learning_rate(self) -> None:
+    c = self.config
+    self.trainer.set_hyperparams(learning_rate=_plan.learning_rate(
+        self.position["step"], base=c.lr, horizon=self.horizon, schedule=c.schedule))
+
+  # -- losses -----------------------------------------------------------------------------
+  def check_losses(self) -> float:
+    """Waits for the queued steps' losses; raises TrainingDiverged at the first NaN/inf."""
+    values = [(s, float(v)) for s, v in self.pending]
+    self.pending.clear()
+    for bad_step, value in values:
+      if not math.isfinite(value):
+        where = f"; last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ""
+        raise TrainingDiverged(f"step {bad_step}: the loss is {value} (NaN/inf): diverged; "
+                               f"lower --lr{where}")
+    if values:
+      self.loss = values[-1][1]
+    return self.loss
+
+  # -- validation and early stopping ----------------------------------------------------
+  def predict(self, feature_ids, feature_values):
+    return self.trainer.predict(feature_ids, feature_values, 5)
+
+  def evaluate(self, data, points=None, propensities=None) -> dict:
+    return evaluate_model(self.predict, data, batch_size=self.config.batch_size,
+                          max_features=self.config.max_features, points=points,
+                          propensities=propensities)
+
+  def validate(self) -> bool:
+    """Scores the held-out rows, keeps a new best model; True when early stopping ends the
+    run (``patience`` validations in a row without a new best)."""
+    pos = self.position
+    result = self.evaluate(self.held)
+    score = _plan.validation_score(result)
+    early, better = _plan.EarlyStopping(*pos["early"]).update(score, pos["step"])
+    pos["early"] = list(early)
+    pos["validations"].append({"step": pos["step"], "seconds": round(pos["train_seconds"], 3),
+                               "score": round(score, 6), "p@1": round(result["p@1"], 6)})
+    if better:
+      self.best = _copy_model_state(self.trainer)
+    return early.stale >= self.config.patience
+
+  def keep_best(self) -> None:
+    """At the end: validates the last state if it was not, and restores the best one."""
+    pos = self.position
+    if self.held is None:
+      return
+    if not pos["validations"] or pos["validations"][-1]["step"] != pos["step"]:
+      self.validate()
+    early = _plan.EarlyStopping(*pos["early"])
+    if early.best_step != pos["step"] and self.best is not None:
+      _with_model_state(self.trainer, self.best)
+      self.log(f"restored the best model: step {early.best_step} (validation mean P@1/3/5 "
+               f"{early.best_score:.4f})")
+
+  # -- checkpoints ------------------------------------------------------------------------
+  def save(self, reason: str) -> None:
+    if self.checkpoints is None:
+      return
+    pos = self.position
+    pos["best_saved"] = self.best is not None
+    meta = {"step": pos["step"], "position": pos, "reason": reason,
+            "config": _config_for_checkpoint(self.config)}
+    state = {"trainer": self.trainer.state, "best": self.best if self.best is not None else {}}
+    self.last_checkpoint = self.checkpoints.save(pos["step"], state, meta)
+
+  def resume(self) -> None:
+    position, best = _restore(self.checkpoints, self.trainer, self.config)
+    epoch_steps = self.steps_per_epoch * self.config.epochs
+    if not self.config.time_budget:    # the epochs may have been extended: plan over them
+      position["horizon"] = epoch_steps
+    elif position["horizon"] is not None:   # a budget's plan stays, within the epochs
+      position["horizon"] = min(position["horizon"], epoch_steps)
+    self.position.update(position)
+    self.best = best
+    self.last_checkpoint = self.checkpoints.directory
+    self.log(f"resumed from {self.checkpoints.directory} at step {self.position['step']}")
 
 
-def _fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None,
-         checkpoints: TrainingCheckpoints | None, *, resume: bool, progress: bool, log) -> dict:
-  max_features, max_labels = config.max_features, config.max_labels
-  trainer = _build_trainer(config, train)
+def _fit(config: TrainConfig, train: xcdata.XCData, held: xcdata.XCData | None,
+         test: xcdata.XCData | None, checkpoints: TrainingCheckpoints | None, *, resume: bool,
+         progress: bool, log, propensity_source: xcdata.XCData) -> dict:
+  run = _Run(config, train, held, test, checkpoints, log=log)
+  trainer = run.trainer
   probe = None
   if config.probe_every and not config.dense:
     probe = make_prober(trainer, test if test is not None else train,
-                        batch_size=config.batch_size, max_features=max_features,
-                        max_labels=max_labels, seed=config.seed)
-  trainer.compile(config.batch_size, max_features, max_labels)
-  position = {"step": 0, "epoch": 0, "batch_index": 0, "train_seconds": 0.0, "rebuilds": 0,
-              "rebuild_seconds": 0.0, "history": [], "probes": []}
-  last_checkpoint = None
+                        batch_size=config.batch_size, max_features=config.max_features,
+                        max_labels=config.max_labels, seed=config.seed)
+  trainer.compile(config.batch_size, config.max_features, config.max_labels)
   if resume:
-    position.update(_restore(checkpoints, trainer, config))
-    last_checkpoint = checkpoints.directory
-    log(f"resumed from {checkpoints.directory} at step {position['step']}")
-
-  def save(reason: str):
-    nonlocal last_checkpoint
-    if checkpoints is not None:
-      meta = {"step": position["step"], "position": position, "reason": reason,
-              "config": _config_for_checkpoint(config)}
-      last_checkpoint = checkpoints.save(position["step"], trainer.state, meta)
-
-  def predict(feature_ids, feature_values):
-    return trainer.predict(feature_ids, feature_values, 5)
-
-  schedule = config.schedule()
-  steps_per_epoch = math.ceil(train.num_points / config.batch_size)
-  total_steps = steps_per_epoch * config.epochs
+    run.resume()
+  position = run.position
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, initial=position["step"], unit="step", dynamic_ncols=True,
+    bar = tqdm(total=run.horizon or run.steps_per_epoch * config.epochs,
+               initial=position["step"], unit="step", dynamic_ncols=True,
                desc="dense" if config.dense else f"slide[{config.mode}]")
-  last_p1 = float("nan")
-  loss = float("nan")
-  pending_losses: list[tuple[int, jax.Array]] = []
-
-  def check_losses() -> float:
-    """Waits for the queued steps' losses; raises TrainingDiverged at the first NaN/inf."""
-    values = [(s, float(v)) for s, v in pending_losses]
-    pending_losses.clear()
-    for bad_step, value in values:
-      if not math.isfinite(value):
-        where = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint else ""
-        raise TrainingDiverged(f"step {bad_step}: the loss is {value} (NaN/inf): diverged; "
-                               f"lower --lr{where}")
-    return values[-1][1] if values else loss
-
-  truncation = None
-  stop = False
-  interrupted = []
-  rebuilding = []
+  interrupted, rebuilding = [], []
 
   def on_sigint(signum, frame):
     if interrupted and not rebuilding:  # a second Ctrl-C: stop at once (not mid-rebuild,
@@ -320,109 +375,151 @@ def _fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None,
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
   except ValueError:  # not the main thread: Ctrl-C handling stays as it is
     pass
+  truncation = None
   try:
-    for epoch in range(position["epoch"], config.epochs):
-      stream = xcdata.iterate_batches(train, config.batch_size, max_features=max_features,
-                                      max_labels=max_labels, seed=config.seed, epoch=epoch)
-      for batch_index, raw in enumerate(stream):
-        if batch_index < position["batch_index"]:
-          continue
-        batch = _as_train_batch(raw)
-        step = position["step"]
-        t0 = time.perf_counter()
-        out = trainer.step(batch)
-        pending_losses.append((step + 1, out.loss))
-        position["step"] = step + 1
-        position["batch_index"] = batch_index + 1
-        rebuild, redraw = (schedule.is_rebuild_step(step + 1) if config.uses_tables
-                           else (False, False))
-        evaluate = (config.eval_every and position["step"] % config.eval_every == 0
-                    and test is not None)
-        checkpoint = config.checkpoint_every and position["step"] % config.checkpoint_every == 0
-        if (len(pending_losses) >= LOSS_CHECK_STEPS or rebuild or evaluate or checkpoint
-            or position["step"] == 1 or interrupted):
-          loss = check_losses()   # waits for the steps; NaN/inf -> TrainingDiverged
-        if rebuild:
-          r0 = time.perf_counter()
-          rebuilding.append(True)
-          try:
-            trainer.rebuild(redraw=redraw)
-          finally:
-            rebuilding.clear()
-          position["rebuilds"] += 1
-          position["rebuild_seconds"] += time.perf_counter() - r0
-        position["train_seconds"] += time.perf_counter() - t0
-        if evaluate:
-          result = evaluate_model(predict, test, batch_size=config.batch_size,
-                                  max_features=max_features, points=config.eval_points)
-          last_p1 = result["p@1"]
-          position["history"].append({"seconds": round(position["train_seconds"], 3),
-                                      "step": position["step"], "p@1": last_p1})
-        if probe is not None and position["step"] % config.probe_every == 0:
-          last_probe = probe(position["step"])   # outside train_seconds
-          position["probes"].append({"seconds": round(position["train_seconds"], 3),
-                                     "step": position["step"], **last_probe})
-        if checkpoint:
-          save("interval")
-        if bar is not None:
-          bar.update(1)
-          sps = position["step"] * config.batch_size / max(position["train_seconds"], 1e-9)
-          extra = {}
-          if position["probes"]:
-            extra = dict(r10=f"{position['probes'][-1]['recall@10']:.2f}",
-                         tbl=f"{position['probes'][-1]['table_share']:.2f}")
-          bar.set_postfix(loss=f"{loss:.3f}", p1=f"{last_p1:.3f}", sps=f"{sps:.0f}", **extra,
-                          refresh=False)
-        if config.time_budget and position["train_seconds"] >= config.time_budget:
-          stop = True
-          break
-        if interrupted:
-          raise KeyboardInterrupt
-      truncation = getattr(stream, "report", truncation)
-      t0 = time.perf_counter()
-      check_losses()
-      position["train_seconds"] += time.perf_counter() - t0
-      if stop:
-        break
-      position["epoch"] = epoch + 1
-      position["batch_index"] = 0
+    truncation = _train_epochs(run, bar, probe, interrupted, rebuilding)
   except KeyboardInterrupt:
-    check_losses()          # never checkpoint past an unnoticed NaN
+    run.check_losses()          # never checkpoint past an unnoticed NaN
     if any(x.is_deleted() for x in jax.tree.leaves(trainer.state)
            if isinstance(x, jax.Array)):
       log("interrupted inside a rebuild (old tables already freed): no new checkpoint")
     else:
-      save("interrupted")
+      run.save("interrupted")
     if bar is not None:
       bar.close()
-    if last_checkpoint:
-      log(f"interrupted: checkpoint saved to {last_checkpoint}")
+    if run.last_checkpoint:
+      log(f"interrupted: checkpoint saved to {run.last_checkpoint}")
     raise
   finally:
     if previous_handler is not None:
       signal.signal(signal.SIGINT, previous_handler)
     if bar is not None:
       bar.close()
-  save("end")
+  t0 = _now()
+  run.keep_best()
+  position["train_seconds"] += _now() - t0
+  run.save("end")
+  return _results(run, truncation, propensity_source)
+
+
+def _train_epochs(run: _Run, bar, probe, interrupted: list, rebuilding: list):
+  """The epochs of ``run`` from its position; returns the batches' truncation report."""
+  config, trainer, position = run.config, run.trainer, run.position
+  schedule = config.rehash_schedule()
+  truncation = None
+  for epoch in range(position["epoch"], config.epochs):
+    stream = xcdata.iterate_batches(run.train, config.batch_size,
+                                    max_features=config.max_features,
+                                    max_labels=config.max_labels, seed=config.seed, epoch=epoch)
+    stop = False
+    for batch_index, raw in enumerate(stream):
+      if batch_index < position["batch_index"]:
+        continue
+      batch = _as_train_batch(raw)
+      step = position["step"]
+      t0 = _now()
+      run.set_learning_rate()
+      out = trainer.step(batch)
+      run.pending.append((step + 1, out.loss))
+      position["step"] = step + 1
+      position["batch_index"] = batch_index + 1
+      rebuild, redraw = (schedule.is_rebuild_step(step + 1) if config.uses_tables
+                         else (False, False))
+      evaluate = (config.eval_every and position["step"] % config.eval_every == 0
+                  and run.test is not None)
+      validate = run.held is not None and position["step"] % run.validation_every() == 0
+      checkpoint = config.checkpoint_every and position["step"] % config.checkpoint_every == 0
+      if (len(run.pending) >= LOSS_CHECK_STEPS or rebuild or evaluate or checkpoint or validate
+          or position["step"] == 1 or interrupted):
+        run.check_losses()   # waits for the steps; NaN/inf -> TrainingDiverged
+        run.plan_budget()
+      if rebuild:
+        r0 = _now()
+        rebuilding.append(True)
+        try:
+          trainer.rebuild(redraw=redraw)
+        finally:
+          rebuilding.clear()
+        position["rebuilds"] += 1
+        position["rebuild_seconds"] += _now() - r0
+      if validate:
+        stop = run.validate()
+      position["train_seconds"] += _now() - t0
+      if evaluate:
+        result = run.evaluate(run.test, points=config.eval_points)
+        position["history"].append({"seconds": round(position["train_seconds"], 3),
+                                    "step": position["step"], "p@1": result["p@1"]})
+      if probe is not None and position["step"] % config.probe_every == 0:
+        last_probe = probe(position["step"])   # outside train_seconds
+        position["probes"].append({"seconds": round(position["train_seconds"], 3),
+                                   "step": position["step"], **last_probe})
+      if checkpoint:
+        run.save("interval")
+      _show_progress(run, bar)
+      if run.horizon is not None and position["step"] >= run.horizon:
+        stop = True
+      if config.time_budget and position["train_seconds"] >= config.time_budget:
+        stop = True
+      if stop:
+        break
+      if interrupted:
+        raise KeyboardInterrupt
+    truncation = getattr(stream, "report", truncation)
+    t0 = _now()
+    run.check_losses()
+    position["train_seconds"] += _now() - t0
+    if stop:
+      break
+    position["epoch"] = epoch + 1
+    position["batch_index"] = 0
+  return truncation
+
+
+def _show_progress(run: _Run, bar) -> None:
+  if bar is None:
+    return
+  position = run.position
+  if run.horizon is not None and bar.total != run.horizon:
+    bar.total = run.horizon
+  bar.update(1)
+  sps = position["step"] * run.config.batch_size / max(position["train_seconds"], 1e-9)
+  extra = {}
+  if position["probes"]:
+    extra = dict(r10=f"{position['probes'][-1]['recall@10']:.2f}",
+                 tbl=f"{position['probes'][-1]['table_share']:.2f}")
+  if position["validations"]:
+    extra["val"] = f"{position['validations'][-1]['p@1']:.3f}"
+  p1 = position["history"][-1]["p@1"] if position["history"] else float("nan")
+  bar.set_postfix(loss=f"{run.loss:.3f}", p1=f"{p1:.3f}", sps=f"{sps:.0f}", **extra,
+                  refresh=False)
+
+
+def _results(run: _Run, truncation, propensity_source: xcdata.XCData) -> dict:
+  config, position = run.config, run.position
   result: dict[str, Any] = {}
-  if test is not None:
-    props = metrics.propensities(xcdata.label_counts(train), train.num_points)
-    result.update(evaluate_model(predict, test, batch_size=config.batch_size,
-                                 max_features=max_features, propensities=props))
+  if run.test is not None:
+    props = metrics.propensities(xcdata.label_counts(propensity_source),
+                                 propensity_source.num_points)
+    result.update(run.evaluate(run.test, propensities=props))
     if not position["history"] or position["history"][-1]["step"] != position["step"]:
       position["history"].append({"seconds": round(position["train_seconds"], 3),
                                   "step": position["step"], "p@1": result["p@1"]})
+  early = _plan.EarlyStopping(*position["early"])
+  validation = None
+  if run.held is not None:
+    validation = {"rows": run.held.num_points, "seed": config.seed,
+                  "best_step": early.best_step, "best_score": early.best_score,
+                  "history": position["validations"]}
   result.update(
       train_seconds=position["train_seconds"],
       samples_per_second=position["step"] * config.batch_size / max(position["train_seconds"],
                                                                      1e-9),
-      steps=position["step"], rebuilds=position["rebuilds"],
+      steps=position["step"], planned_steps=run.horizon, rebuilds=position["rebuilds"],
       rebuild_seconds=position["rebuild_seconds"], history=position["history"],
-      probes=position["probes"],
-      config=dataclasses.asdict(config),
+      validation=validation, probes=position["probes"], config=dataclasses.asdict(config),
       truncation=None if truncation is None else dict(truncation._asdict()
                                                       if hasattr(truncation, "_asdict")
                                                       else vars(truncation)),
-      checkpoint=str(last_checkpoint) if last_checkpoint else None)
-  result["model"] = trainer.model
+      checkpoint=str(run.last_checkpoint) if run.last_checkpoint else None)
+  result["model"] = run.trainer.model
   return result

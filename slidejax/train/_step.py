@@ -23,7 +23,6 @@ from flax import nnx
 
 from slidejax._memory import release_free_memory
 from slidejax.nn import SlideOutput
-from slidejax.nn import dense_softmax_loss
 from slidejax.nn import rebuild_tables
 from slidejax.nn import sampled_softmax_loss
 from slidejax.nn import value_and_grad
@@ -45,12 +44,23 @@ class StepMetrics(NamedTuple):
 def batch_loss(model: nnx.Module, batch: TrainBatch,
                loss: Callable[..., jax.Array] = sampled_softmax_loss):
   """(loss, forced_dropped) of ``model`` on ``batch`` (padding rows weigh 0): ``loss`` over a
-  ``SlideOutput``, or the dense softmax over full logits."""
+  ``SlideOutput``; full logits ``[B, N]`` (a dense model) are seen as a ``SlideOutput`` with
+  every neuron active, so the same ``loss`` (softmax or one-vs-all) applies to them."""
   weight = (batch.rows >= 0).astype(jnp.float32)
   out = model(batch.feature_ids, batch.feature_values, labels=batch.label_ids)
-  if isinstance(out, SlideOutput):
-    return loss(out, weight), out.forced_dropped
-  return dense_softmax_loss(out, batch.label_ids, weight), jnp.zeros((), jnp.int32)
+  if not isinstance(out, SlideOutput):
+    out = every_neuron_active(out, batch.label_ids)
+  return loss(out, weight), out.forced_dropped
+
+
+def every_neuron_active(logits: jax.Array, label_ids: jax.Array) -> SlideOutput:
+  """Full logits ``[B, N]`` and labels ``[B, f]`` (-1 padding) as the ``SlideOutput`` of a
+  layer whose active set is every neuron (column ``j`` is neuron ``j``)."""
+  num_labels = logits.shape[1]
+  slots = jnp.where((label_ids >= 0) & (label_ids < num_labels), label_ids, -1)
+  ids = jnp.arange(num_labels, dtype=jnp.int32)
+  return SlideOutput(logits, ids, jnp.ones((num_labels,), bool), slots.astype(jnp.int32),
+                     jnp.zeros((), jnp.int32))
 
 
 def train_step(model: nnx.Module, optimizer: Optimizer, batch: TrainBatch,
@@ -116,6 +126,21 @@ class Trainer:
   @property
   def optimizer(self) -> Optimizer:
     return nnx.merge(self.graphdef, self.state)[1]
+
+  def set_hyperparams(self, **values: float) -> None:
+    """Sets hyperparameters of an ``optax.inject_hyperparams`` transformation (e.g.
+    ``learning_rate``) for the next steps; raises KeyError for one the optimizer lacks."""
+    if not hasattr(self, "_hyperparam_index"):
+      paths = jax.tree_util.tree_flatten_with_path(self.state)[0]
+      self._hyperparam_index = {
+          path[-2].key: i for i, (path, _) in enumerate(paths)
+          if len(path) >= 3 and getattr(path[-3], "key", None) == "hyperparams"}
+    for name, value in values.items():
+      if name not in self._hyperparam_index:
+        raise KeyError(f"the optimizer has no injected hyperparameter {name!r} (known: "
+                       f"{sorted(self._hyperparam_index)})")
+      i = self._hyperparam_index[name]
+      self._leaves[i] = jnp.asarray(value, self._leaves[i].dtype)
 
   def compile(self, batch_size: int, max_features: int, max_labels: int):
     """Compiles the step for a batch shape (before the first batch: the compiler's transient

@@ -1,0 +1,131 @@
+"""What ``auto`` means, and the plan of a run: the validation split, the number of steps a
+time budget buys, the learning-rate schedule over them and early stopping.
+
+Everything here is a pure function of the configuration, the data's shape and (for a time
+budget) one measured step time, so a resumed run recomputes the same plan from what its
+checkpoint holds.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from slidejax import data as xcdata
+
+# --num-active auto: label counts up to this train the full softmax (DenseMLP), above it
+# a shared active set of AUTO_ACTIVE_FRACTION of the labels, within [AUTO_MIN_ACTIVE,
+# AUTO_MAX_ACTIVE] (the step timings of the README cover up to 8,192 active).
+AUTO_DENSE_LABELS = 8192
+AUTO_ACTIVE_FRACTION = 1 / 16
+AUTO_MIN_ACTIVE = 2048
+AUTO_MAX_ACTIVE = 8192
+# --lr auto: AdamW's peak rate for a dense output layer, and for a sparse one (whose rows
+# are touched rarely: a larger rate; 1e-2 was worse on pypi-names' validation split).
+AUTO_LR_DENSE = 1e-3
+AUTO_LR_SPARSE = 3e-3
+# --dropout auto: strong dropout on small training sets (best on bibtex's and delicious'
+# validation splits), lighter from AUTO_DROPOUT_ROWS rows (better on pypi-names').
+AUTO_DROPOUT_ROWS = 100_000
+AUTO_DROPOUT_SMALL = 0.7
+AUTO_DROPOUT_LARGE = 0.3
+# --epochs auto: at most as many epochs as make AUTO_STEPS steps, clipped to this range
+# (with a time budget, the budget bounds the run instead: up to the range's top); early
+# stopping on the validation split ends the run sooner when it stops improving.
+AUTO_STEPS = 5_000
+AUTO_EPOCHS = (4, 100)
+# --validation auto (with --epochs auto): this share of the training rows, within limits.
+AUTO_VALIDATION = 0.1
+AUTO_VALIDATION_ROWS = (200, 5_000)
+# A time budget is turned into steps from the step time measured over the first steps (at
+# least PLAN_MIN_STEPS, about PLAN_SHARE of the budget), keeping PLAN_SLACK of the rest for
+# validations and table rebuilds.
+PLAN_MIN_STEPS = 10
+PLAN_SHARE = 0.03
+PLAN_SLACK = 0.1
+# Validations per planned run (at least one per epoch).
+VALIDATIONS_PER_RUN = 10
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def auto_num_active(num_labels: int) -> int | None:
+  """``--num-active auto``: None (train the full layer: dense) for at most
+  ``AUTO_DENSE_LABELS`` labels, else a power of two near ``num_labels * AUTO_ACTIVE_FRACTION``
+  (from ``AUTO_MIN_ACTIVE`` to ``AUTO_MAX_ACTIVE``, at most ``num_labels``)."""
+  if num_labels <= AUTO_DENSE_LABELS:
+    return None
+  want = min(AUTO_MAX_ACTIVE, max(AUTO_MIN_ACTIVE, num_labels * AUTO_ACTIVE_FRACTION))
+  return min(num_labels, 2 ** int(round(math.log2(want))))
+
+
+def auto_epochs(steps_per_epoch: int, *, budgeted: bool = False) -> int:
+  """``--epochs auto``: the most epochs a run may take (early stopping ends it sooner)."""
+  low, high = AUTO_EPOCHS
+  if budgeted:
+    return high
+  return int(min(high, max(low, math.ceil(AUTO_STEPS / max(steps_per_epoch, 1)))))
+
+
+def validation_rows(num_points: int, fraction: float) -> int:
+  """How many training rows a validation ``fraction`` takes (0 for 0); ``auto`` passes
+  ``AUTO_VALIDATION`` and is then clipped to ``AUTO_VALIDATION_ROWS``."""
+  if fraction <= 0:
+    return 0
+  return max(1, min(num_points - 1, int(round(num_points * fraction))))
+
+
+def split_validation(data: xcdata.XCData, num_rows: int, seed: int
+                     ) -> tuple[xcdata.XCData, xcdata.XCData | None]:
+  """(training part, validation part) of ``data``: ``num_rows`` rows drawn without
+  replacement by a generator seeded with ``seed`` (each part keeps the file's row order)."""
+  if num_rows <= 0:
+    return data, None
+  order = np.random.default_rng([seed, 0x5A11D]).permutation(data.num_points)
+  held = np.sort(order[:num_rows])
+  kept = np.sort(order[num_rows:])
+  return xcdata.subset(data, kept), xcdata.subset(data, held)
+
+
+def learning_rate(step: int, *, base: float, horizon: int | None, schedule: str) -> float:
+  """The learning rate of step ``step`` (0-based) of a run planned for ``horizon`` steps:
+  ``cosine`` decays from ``base`` to 0 along half a cosine, ``linear`` along a line,
+  ``constant`` (or an unknown horizon, before a time budget is planned) stays at ``base``."""
+  if schedule == "constant" or not horizon:
+    return base
+  progress = min(step / horizon, 1.0)
+  if schedule == "cosine":
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+  return base * (1.0 - progress)
+
+
+def budget_steps(budget: float, elapsed: float, steps_done: int, seconds_per_step: float
+                 ) -> int:
+  """The step count a ``budget`` of seconds buys, ``elapsed`` seconds and ``steps_done``
+  steps into it, at ``seconds_per_step`` (``PLAN_SLACK`` of the rest kept aside)."""
+  rest = max(budget - elapsed, 0.0) * (1.0 - PLAN_SLACK)
+  return steps_done + max(1, int(rest / max(seconds_per_step, 1e-9)))
+
+
+def validation_interval(steps_per_epoch: int, horizon: int) -> int:
+  """Steps between validations: an epoch, or a tenth of the run when epochs are longer."""
+  return max(1, min(steps_per_epoch, math.ceil(horizon / VALIDATIONS_PER_RUN)))
+
+
+class EarlyStopping(NamedTuple):
+  """Where early stopping stands: the best validation score so far, at which step, and how
+  many validations in a row have not beaten it (the best model's arrays are kept beside)."""
+  best_score: float = -1.0
+  best_step: int = 0
+  stale: int = 0
+
+  def update(self, score: float, step: int) -> tuple["EarlyStopping", bool]:
+    """(new state, whether ``score`` is a new best)."""
+    if score > self.best_score:
+      return EarlyStopping(score, step, 0), True
+    return self._replace(stale=self.stale + 1), False
+
+
+def validation_score(result: dict) -> float:
+  """What early stopping maximizes: the mean of P@1, P@3 and P@5."""
+  return (result["p@1"] + result["p@3"] + result["p@5"]) / 3.0

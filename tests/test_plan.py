@@ -1,0 +1,267 @@
+"""Defaults that fit the data: auto options, option checks, the validation split, early
+stopping that keeps the best model, a time budget planned as steps, exact resume."""
+import dataclasses
+import itertools
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from slidejax import data as xcdata
+from slidejax import nn
+from slidejax import train
+from slidejax.cli import main as cli_main
+from slidejax.train import _loop
+from slidejax.train import _plan
+
+
+def _data(seed=0, points=900, features=300, labels=100):
+  return xcdata.synthesize_split(num_points=points, num_features=features, num_labels=labels,
+                                 avg_nnz=12, avg_labels=2, seed=seed)
+
+
+def _flat(model):
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+# -- refusing nonsense --------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, words", [
+    (["--lr", "-1"], "lr must be a positive number"),
+    (["--lr", "0"], "lr must be a positive number"),
+    (["--lr", "nan"], "lr must be a positive number"),
+    (["--dropout", "1"], "dropout must be in [0, 1)"),
+    (["--weight-decay", "-0.1"], "weight_decay must be a non-negative"),
+    (["--batch-size", "0"], "batch_size must be a positive integer"),
+    (["--epochs", "0"], "epochs must be a positive integer"),
+    (["--epochs", "many"], "expected auto or int"),
+    (["--num-active", "-5"], "num_active must be a positive integer"),
+    (["--validation", "0.9"], "validation must be in [0, 0.5]"),
+    (["--patience", "0"], "patience must be a positive integer"),
+    (["--time-budget", "-3"], "time_budget must be a positive number"),
+    (["--hidden", "0"], "hidden must be a positive integer"),
+    (["--uniform-share", "1.5"], "uniform_share must be in [0, 1]"),
+])
+def test_nonsense_options_exit_2_before_training(flags, words, capsys):
+  with pytest.raises(SystemExit) as stop:   # argparse's own refusals exit 2 as well
+    raise SystemExit(cli_main(["train", "--no-progress", *flags]))
+  assert stop.value.code == 2
+  err = capsys.readouterr().err
+  assert words in err and "Traceback" not in err
+
+
+def test_cli_defaults_are_train_config_defaults():
+  import argparse
+  from slidejax import _cli_train
+  parser = argparse.ArgumentParser()
+  _cli_train.add_parser(parser.add_subparsers())
+  args = parser.parse_args(["train"])
+  assert _cli_train.config_from_args(args) == train.TrainConfig()
+
+
+# -- auto -----------------------------------------------------------------------------------
+
+def test_auto_num_active_is_dense_for_few_labels_and_a_share_for_many():
+  small, _ = _data(labels=100)
+  config, notes = train.resolve_config(train.TrainConfig(), small)
+  assert config.dense and "dense" in notes["num_active"]
+  many = _plan.AUTO_DENSE_LABELS * 4
+  picked = _plan.auto_num_active(many)
+  assert picked < many and picked & (picked - 1) == 0     # a power of two, a share
+  assert picked >= _plan.AUTO_MIN_ACTIVE
+  assert _plan.auto_num_active(_plan.AUTO_DENSE_LABELS + 1) <= _plan.AUTO_DENSE_LABELS + 1
+
+
+def test_auto_epochs_and_validation_follow_the_data():
+  trn, _ = _data(points=3000)
+  config, notes = train.resolve_config(train.TrainConfig(batch_size=50), trn)
+  held = _plan.validation_rows(trn.num_points, config.validation)
+  assert 200 <= held <= trn.num_points // 5
+  steps_per_epoch = -(-(trn.num_points - held) // 50)
+  assert config.epochs == _plan.auto_epochs(steps_per_epoch)
+  assert "early stopping" in notes["epochs"]
+  # explicit epochs: no validation unless asked for
+  fixed, _ = train.resolve_config(train.TrainConfig(epochs=3), trn)
+  assert fixed.validation == 0 and fixed.epochs == 3
+
+
+def test_validation_split_is_seeded_disjoint_and_complete():
+  trn, _ = _data(points=500)
+  part, held = _plan.split_validation(trn, 50, seed=3)
+  again, held_again = _plan.split_validation(trn, 50, seed=3)
+  _, other = _plan.split_validation(trn, 50, seed=4)
+  assert held.num_points == 50 and part.num_points == trn.num_points - 50
+
+  def rows(d):
+    return {tuple(d.feature_ids[d.feature_indptr[i]:d.feature_indptr[i + 1]])
+            for i in range(d.num_points)}
+  assert rows(held) == rows(held_again) and rows(held) != rows(other)
+  assert rows(held) | rows(part) == rows(trn)
+  np.testing.assert_array_equal(part.label_ids, again.label_ids)
+
+
+def test_learning_rate_schedules():
+  lr = functools_partial = lambda step, schedule: _plan.learning_rate(  # noqa: E731
+      step, base=2.0, horizon=100, schedule=schedule)
+  assert lr(0, "cosine") == 2.0 and lr(50, "cosine") == pytest.approx(1.0)
+  assert lr(100, "cosine") == pytest.approx(0.0) and lr(150, "cosine") == pytest.approx(0.0)
+  assert lr(25, "linear") == pytest.approx(1.5)
+  assert lr(99, "constant") == 2.0
+  assert _plan.learning_rate(10, base=2.0, horizon=None, schedule="cosine") == 2.0
+  del functools_partial
+
+
+def test_trainer_sets_an_injected_learning_rate():
+  trn, _ = _data()
+  model = nn.DenseMLP(trn.num_features, trn.num_labels, hidden=8, rngs=nnx.Rngs(0))
+  trainer = train.Trainer(model, optax.inject_hyperparams(optax.adam)(learning_rate=1e-2))
+  batch = xcdata.pad_rows(trn, np.arange(32), max_features=16, max_labels=4)
+  batch = train.TrainBatch(np.asarray(batch.feature_ids, np.int32),
+                           np.asarray(batch.feature_values, np.float32),
+                           np.asarray(batch.label_ids, np.int32), np.arange(32, dtype=np.int32))
+  before = _flat(trainer.model)
+  trainer.set_hyperparams(learning_rate=0.0)
+  trainer.step(batch)
+  for a, b in zip(before, _flat(trainer.model)):
+    np.testing.assert_array_equal(a, b)
+  trainer.set_hyperparams(learning_rate=1e-2)
+  trainer.step(batch)
+  assert any(not np.array_equal(a, b) for a, b in zip(before, _flat(trainer.model)))
+  with pytest.raises(KeyError, match="momentum"):
+    trainer.set_hyperparams(momentum=0.9)
+
+
+# -- early stopping --------------------------------------------------------------------------
+
+def _overfitting_config(**kw):
+  # a large learning rate on few rows: the validation score peaks early and then falls
+  base = dict(hidden=64, lr=0.05, batch_size=32, epochs=40, validation=0.3, patience=4,
+              schedule="constant", output_init="fan_in")
+  return train.TrainConfig(**{**base, **kw})
+
+
+def test_early_stopping_restores_the_best_model():
+  trn, tst = _data(points=700)
+  config = _overfitting_config()
+  result = train.fit(config, trn, tst, progress=False, log=lambda m: None)
+  val = result["validation"]
+  assert val["best_step"] < result["steps"]      # it went on past the best, then stopped
+  assert result["steps"] < result["config"]["epochs"] * -(-(trn.num_points - val["rows"]) // 32)
+  # the returned model is the best one: its validation score is the best score
+  held_rows = _plan.validation_rows(trn.num_points, result["config"]["validation"])
+  _, held = _plan.split_validation(trn, held_rows, config.seed)
+  model = result["model"]
+  scored = train.evaluate_model(
+      lambda ids, values: model.top_k(ids, values, 5)[1], held, batch_size=32,
+      max_features=result["config"]["max_features"])
+  assert _plan.validation_score(scored) == pytest.approx(val["best_score"], abs=1e-6)
+  last = val["history"][-1]["score"]
+  assert last < val["best_score"]
+
+
+def test_time_budget_is_planned_as_steps_with_a_fake_clock(monkeypatch):
+  trn, tst = _data(points=900)
+  clock = itertools.count()
+  monkeypatch.setattr(_loop, "_now", lambda: next(clock) * 0.01)   # 10 ms per reading
+  config = train.TrainConfig(hidden=16, epochs=200, validation=0.1, patience=1000,
+                             time_budget=20.0, batch_size=32)
+  result = train.fit(config, trn, tst, progress=False, log=lambda m: None)
+  planned = result["planned_steps"]
+  assert planned is not None and planned < 200 * 26      # the budget, not the epochs, binds
+  assert result["steps"] == planned                     # the plan ran to its end
+  assert result["train_seconds"] <= 20.0 + 0.5
+
+
+def test_resume_is_exact_with_a_plan_validation_and_best_model(tmp_path, monkeypatch):
+  trn, tst = _data(points=700)
+  config = _overfitting_config(epochs=12, patience=100, time_budget=12.0)
+
+  def fake_clock():
+    clock = itertools.count()
+    monkeypatch.setattr(_loop, "_now", lambda: next(clock) * 0.05)
+
+  fake_clock()
+  full_dir = tmp_path / "full"
+  full = train.fit(config, trn, tst, checkpoint_dir=str(full_dir), progress=False,
+                   keep_checkpoints=100, log=lambda m: None)
+  train_config = dataclasses.replace(config, checkpoint_every=20)
+  fake_clock()
+  part_dir = tmp_path / "part"
+  train.fit(train_config, trn, tst, checkpoint_dir=str(part_dir), progress=False,
+            keep_checkpoints=100, log=lambda m: None)
+  steps = sorted(int(p.name) for p in part_dir.iterdir() if p.name.isdigit())
+  middle = [s for s in steps if 0 < s < full["steps"]]
+  assert len(middle) >= 2 and full["planned_steps"] == full["steps"] < 12 * 16
+  resume_at = max(middle)   # after the best step: the best model must come from the checkpoint
+  assert resume_at > full["validation"]["best_step"]
+  for step in steps:
+    if step > resume_at:
+      shutil.rmtree(part_dir / str(step))
+  fake_clock()
+  resumed = train.fit(train_config, trn, tst, checkpoint_dir=str(part_dir), resume=True,
+                      progress=False, keep_checkpoints=100, log=lambda m: None)
+  assert resumed["planned_steps"] == full["planned_steps"]
+  assert resumed["validation"]["best_step"] == full["validation"]["best_step"]
+  for a, b in zip(_flat(full["model"]), _flat(resumed["model"])):
+    np.testing.assert_array_equal(a, b)
+  assert resumed["p@1"] == full["p@1"]
+
+
+# -- model options ---------------------------------------------------------------------------
+
+def test_dropout_only_in_training_calls_and_residual_changes_the_function():
+  model = nn.DenseMLP(40, 12, hidden=16, dropout=0.5, residual=True, rngs=nnx.Rngs(0))
+  ids = jnp.array([[1, 2, 3], [4, 5, -1]], jnp.int32)
+  values = jnp.ones((2, 3), jnp.float32)
+  np.testing.assert_array_equal(model.top_k(ids, values, 3)[0], model.top_k(ids, values, 3)[0])
+  assert not np.array_equal(model(ids, values), model(ids, values))   # fresh masks
+  model.eval()
+  np.testing.assert_allclose(model(ids, values)[:, :0], model(ids, values)[:, :0])
+  plain = nn.DenseMLP(40, 12, hidden=16, rngs=nnx.Rngs(0))
+  assert not np.allclose(plain.hidden(ids, values), model.hidden(ids, values))
+
+
+def test_dense_sigmoid_loss_is_binary_cross_entropy_over_every_label():
+  model = nn.DenseMLP(40, 12, hidden=8, rngs=nnx.Rngs(0))
+  batch = train.TrainBatch(np.array([[1, 2], [3, -1]], np.int32),
+                           np.ones((2, 2), np.float32),
+                           np.array([[0, 5], [11, -1]], np.int32), np.array([0, 1], np.int32))
+  got, _ = train.batch_loss(model, batch, nn.sampled_sigmoid_loss)
+  logits = np.asarray(model(batch.feature_ids, batch.feature_values), np.float64)
+  targets = np.zeros_like(logits)
+  targets[0, [0, 5]] = 1
+  targets[1, 11] = 1
+  bce = np.log1p(np.exp(logits)) - targets * logits
+  np.testing.assert_allclose(got, bce.sum(axis=1).mean(), rtol=1e-5)
+  softmax, _ = train.batch_loss(model, batch, nn.sampled_softmax_loss)
+  np.testing.assert_allclose(softmax, nn.dense_softmax_loss(
+      jnp.asarray(logits, jnp.float32), jnp.asarray(batch.label_ids)), rtol=1e-5)
+
+
+def test_model_options_survive_save_and_load(tmp_path):
+  import slidejax
+  model = nn.SlideMLP(40, 64, hidden=8, dropout=0.3, residual=True, num_active=16, l=2,
+                      rngs=nnx.Rngs(0))
+  slidejax.save(model, tmp_path / "m")
+  loaded = slidejax.load(tmp_path / "m")
+  assert loaded.spec == model.spec and loaded.block is not None
+  ids = jnp.array([[1, 2, 3]], jnp.int32)
+  values = jnp.ones((1, 3), jnp.float32)
+  np.testing.assert_array_equal(model.top_k(ids, values, 4)[1], loaded.top_k(ids, values, 4)[1])
+
+
+# -- data stats ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, words", [("", "the file is empty"),
+                                         ("0 10 5\n", "no data rows")])
+def test_data_stats_on_an_empty_file_is_an_error(tmp_path, capsys, text, words):
+  path = tmp_path / "empty.txt"
+  path.write_text(text)
+  assert cli_main(["data", "stats", str(path)]) == 2
+  err = capsys.readouterr().err
+  assert words in err and str(path) in err
