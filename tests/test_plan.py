@@ -106,14 +106,14 @@ def test_validation_split_is_seeded_disjoint_and_complete():
 
 
 def test_learning_rate_schedules():
-  lr = functools_partial = lambda step, schedule: _plan.learning_rate(  # noqa: E731
-      step, base=2.0, horizon=100, schedule=schedule)
+  def lr(step, schedule):
+    return _plan.learning_rate(step, base=2.0, horizon=100, schedule=schedule)
+
   assert lr(0, "cosine") == 2.0 and lr(50, "cosine") == pytest.approx(1.0)
   assert lr(100, "cosine") == pytest.approx(0.0) and lr(150, "cosine") == pytest.approx(0.0)
   assert lr(25, "linear") == pytest.approx(1.5)
   assert lr(99, "constant") == 2.0
   assert _plan.learning_rate(10, base=2.0, horizon=None, schedule="cosine") == 2.0
-  del functools_partial
 
 
 def test_trainer_sets_an_injected_learning_rate():
@@ -221,7 +221,7 @@ def test_dropout_only_in_training_calls_and_residual_changes_the_function():
   np.testing.assert_array_equal(model.top_k(ids, values, 3)[0], model.top_k(ids, values, 3)[0])
   assert not np.array_equal(model(ids, values), model(ids, values))   # fresh masks
   model.eval()
-  np.testing.assert_allclose(model(ids, values)[:, :0], model(ids, values)[:, :0])
+  np.testing.assert_array_equal(model(ids, values), model(ids, values))   # no masks
   plain = nn.DenseMLP(40, 12, hidden=16, rngs=nnx.Rngs(0))
   assert not np.allclose(plain.hidden(ids, values), model.hidden(ids, values))
 

@@ -237,6 +237,7 @@ class _Run:
     self.last_checkpoint = None
     self.pending: list[tuple[int, jax.Array]] = []
     self.loss = float("nan")
+    self.last_rate = None     # the rate last put into the optimizer state (None: not yet)
 
   # -- the plan -------------------------------------------------------------------------
   @property
@@ -265,9 +266,13 @@ class _Run:
                f"{pos['horizon']} steps planned")
 
   def set_learning_rate(self) -> None:
+    """Puts this step's rate into the optimizer state (only when it changed)."""
     c = self.config
-    self.trainer.set_hyperparams(learning_rate=_plan.learning_rate(
-        self.position["step"], base=c.lr, horizon=self.horizon, schedule=c.schedule))
+    rate = _plan.learning_rate(self.position["step"], base=c.lr, horizon=self.horizon,
+                               schedule=c.schedule)
+    if rate != self.last_rate:
+      self.trainer.set_hyperparams(learning_rate=rate)
+      self.last_rate = rate
 
   # -- losses -----------------------------------------------------------------------------
   def check_losses(self) -> float:

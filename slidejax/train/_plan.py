@@ -68,8 +68,8 @@ def auto_epochs(steps_per_epoch: int, *, budgeted: bool = False) -> int:
 
 
 def validation_rows(num_points: int, fraction: float) -> int:
-  """How many training rows a validation ``fraction`` takes (0 for 0); ``auto`` passes
-  ``AUTO_VALIDATION`` and is then clipped to ``AUTO_VALIDATION_ROWS``."""
+  """How many training rows a validation ``fraction`` takes (0 for 0; at least 1 and at most
+  all rows but one otherwise)."""
   if fraction <= 0:
     return 0
   return max(1, min(num_points - 1, int(round(num_points * fraction))))
