@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sharded SLIDE training (slidejax.distributed.train_sharded) on one or several processes.
+# SLIDE training laid out on a mesh (slidejax.train.fit with TrainConfig(mesh=...)) on one or
+# several processes.
 #
 #   one process, all local devices:
 #     examples/multihost_launch.sh single data=1,model=8
@@ -10,13 +11,14 @@
 #       examples/multihost_launch.sh host data=2,model=8
 #
 # Every process runs the same program on the same data and seed; the mesh spans the devices
-# of all processes. PRESET (synthetic data, default: default), EPOCHS (default 1) and
-# TIME_BUDGET (seconds of training, default: none) apply.
+# of all processes. PRESET (synthetic data, default: default), EPOCHS (default: auto),
+# TIME_BUDGET (seconds of training, default: none), CHECKPOINT (a directory every process
+# sees) and RESUME=1 apply.
 set -euo pipefail
 mode=${1:?usage: $0 single|cpu|host ...}
 shift
 PRESET=${PRESET:-default}
-EPOCHS=${EPOCHS:-1}
+EPOCHS=${EPOCHS:-auto}
 TIME_BUDGET=${TIME_BUDGET:-}
 
 run_one() {  # run_one MESH [CPU_DEVICES]  (distributed when JAX_NUM_PROCESSES is set)
@@ -26,21 +28,24 @@ from slidejax import distributed as dist
 mesh, cpu = sys.argv[1], (int(sys.argv[2]) if len(sys.argv) > 2 else None)
 if "JAX_NUM_PROCESSES" in os.environ:
   dist.initialize_distributed(cpu_devices=cpu)
-elif cpu:
-  import jax
-  jax.config.update("jax_num_cpu_devices", cpu)
+else:   # CPU devices for the mesh (and one spare for host callbacks); GPUs are unaffected
+  from slidejax._cli_train import provide_cpu_devices
+  provide_cpu_devices(mesh)
 import jax
 from slidejax import data as xcdata
-from slidejax.train import TrainConfig
+from slidejax.train import TrainConfig, fit
 train, test = xcdata.synthesize_split(**xcdata.SYNTH_PRESETS[os.environ.get("PRESET", "default")],
                                       seed=0)
-budget = os.environ.get("TIME_BUDGET")
-config = TrainConfig(epochs=int(os.environ.get("EPOCHS", "1")),
+budget, epochs = os.environ.get("TIME_BUDGET"), os.environ.get("EPOCHS", "auto")
+config = TrainConfig(mesh=mesh, epochs=epochs if epochs == "auto" else int(epochs),
                      time_budget=float(budget) if budget else None)
-result = dist.train_sharded(config, train, test, mesh, progress=jax.process_index() == 0)
-if jax.process_index() == 0:
+first = jax.process_index() == 0
+result = fit(config, train, test, checkpoint_dir=os.environ.get("CHECKPOINT") or None,
+             resume=os.environ.get("RESUME") == "1", progress=first,
+             log=print if first else (lambda message: None))
+if first:
   keep = ("p@1", "p@3", "p@5", "ndcg@5", "train_seconds", "samples_per_second", "steps",
-          "rebuilds", "mesh", "bytes_per_device")
+          "rebuilds")
   print(json.dumps({k: result[k] for k in keep}, indent=1))
 PY
 }

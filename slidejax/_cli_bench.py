@@ -39,6 +39,10 @@ def add_parser(subparsers) -> None:
   p.add_argument("--label-scaling", type=int, metavar="LABELS",
                  help="time the sparse modes at the scenario's labels and at LABELS, "
                       "alternating in one process, and report the ratio")
+  p.add_argument("--mesh", metavar="SPEC",
+                 help="time the shared step on a device mesh (e.g. data=2,model=2) beside one "
+                      "device, and the bytes each mesh step communicates; --num-active is "
+                      "the total active set, split over model")
   p.add_argument("--time-to-accuracy", action="store_true",
                  help="train every run of --runs on the same data, P@1 against seconds")
   p.add_argument("--runs", default="dense,uniform,unigram,lsh,lsh:per_sample",
@@ -191,6 +195,15 @@ def run(args) -> int:
       result = _accuracy(args)
     elif args.time_to_accuracy:
       result = _time_to_accuracy(args)
+    elif args.mesh:
+      from slidejax._cli_train import provide_cpu_devices
+      from slidejax.bench import mesh
+      provide_cpu_devices(args.mesh)
+      hashing = _step_hashing(args)
+      if hashing:
+        raise ValueError("--mesh times the default hash settings")
+      result = mesh.run(_scenario(args), args.mesh, num_active=args.num_active,
+                        repeats=args.repeats, backend=args.builder)
     elif args.label_scaling is not None:
       from slidejax.bench import steps
       scenario = _scenario(args)

@@ -93,8 +93,10 @@ def add_parser(subparsers) -> None:
                       "checkpoint plus model.json (architecture, every resolved option, the "
                       "training label counts); use it with `slidejax predict` / `evaluate`")
   p.add_argument("--mesh", metavar="SPEC",
-                 help="shard the output layer over a device mesh, e.g. data=2,model=4 "
-                      "(see README: Scaling out)")
+                 help="lay the model out over a device mesh, e.g. data=2,model=4: batches split "
+                      "over data, the output layer's neurons over model (each model shard "
+                      "selects num_active / model of the total --num-active); on a CPU-only "
+                      "host the devices are provided (see README: Scaling out)")
   p.add_argument("--json", metavar="PATH", help="write the results as JSON")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(func=run)
@@ -166,7 +168,7 @@ CONFIG_FLAGS = ("hidden", "dropout", "weight_decay", "residual", "output_init", 
                 "num_active", "mode", "sampler", "batch_size", "lr", "schedule", "epochs",
                 "validation", "patience", "time_budget", "eval_every", "eval_points", "seed",
                 "max_features", "max_labels", "dense", "builder", "checkpoint_every",
-                "probe_every", "correction", "in_batch_negatives")
+                "probe_every", "correction", "in_batch_negatives", "mesh")
 
 
 def _auto_or(kind):
@@ -195,14 +197,16 @@ def config_from_args(args):
   return config
 
 
-def _provide_cpu_devices(mesh_spec: str) -> None:
-  """Lets a CPU-only host run a mesh: as many CPU devices as the mesh has (set before JAX
-  starts its backends; it does not affect GPU/TPU devices)."""
+def provide_cpu_devices(mesh_spec: str) -> None:
+  """Lets a CPU-only host run a mesh: one CPU device more than the mesh has (the first one
+  stages host callbacks: see :func:`slidejax.distributed.make_mesh`; set before JAX starts
+  its backends; it does not affect GPU/TPU devices)."""
   import math
 
   import jax
   from slidejax import distributed
-  jax.config.update("jax_num_cpu_devices", math.prod(distributed.parse_mesh(mesh_spec).values()))
+  devices = math.prod(distributed.parse_mesh(mesh_spec).values())
+  jax.config.update("jax_num_cpu_devices", devices + 1)
 
 
 def _check_save_dir(path: str | None) -> None:
@@ -232,23 +236,15 @@ def run(args) -> int:
   try:
     _check_save_dir(args.save)
     if args.mesh:
-      _provide_cpu_devices(args.mesh)
+      provide_cpu_devices(args.mesh)
     train, test, source = load_data(args)
     config = config_from_args(args)
     print(f"data: {source}: {train.num_points} train points, "
           f"{0 if test is None else test.num_points} test, {train.num_features} features, "
           f"{train.num_labels} labels", file=sys.stderr)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    if args.mesh:
-      from slidejax import distributed
-      if args.checkpoint or args.resume or args.save:
-        raise training.TrainingError(
-            "--checkpoint/--resume/--save are not supported with --mesh yet")
-      result = distributed.train_sharded(config, train, test, args.mesh,
-                                         progress=not args.no_progress, log=log)
-    else:
-      result = training.fit(config, train, test, checkpoint_dir=args.checkpoint,
-                            resume=args.resume, progress=not args.no_progress, log=log)
+    result = training.fit(config, train, test, checkpoint_dir=args.checkpoint,
+                          resume=args.resume, progress=not args.no_progress, log=log)
     if args.save:
       _save_model(result["model"], args.save, train, result)
       log(f"model saved to {args.save}")

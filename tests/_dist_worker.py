@@ -1,94 +1,69 @@
-"""Helper of tests/test_distributed.py: the shared test problem and a few training steps.
+"""Helper of tests/test_distributed.py: one process of a 2-process ``fit`` on a mesh.
 
-Imported by the test (sizes, configurations, ``train``), and run as a script, one process of
-a multi-process job::
-
-  python tests/_dist_worker.py PROCESS_ID NUM_PROCESSES PORT STEPS
+  python tests/_dist_worker.py PROCESS_ID NUM_PROCESSES PORT CHECKPOINT_DIR EPOCHS RESUME
 
 Each process gets 2 local CPU devices and gloo collectives, joins the job through
-``jax.distributed.initialize``, builds the global ``data=2, model=2`` mesh over all 4 devices,
-trains ``STEPS`` steps (with a table rebuild) and prints ``LOSSES [..]`` and the exact
-``TOPK [[..]]`` of 10 points (JSON lines).
-
-The tests share these sizes and configurations so that their compiled programs are reused.
+``jax.distributed.initialize``, and runs :func:`slidejax.train.fit` with ``mesh="data=2,model=2"``
+over the 4 global devices on :func:`problem` (the same data in every process), checkpointing
+every epoch to ``CHECKPOINT_DIR`` (resuming from it when ``RESUME`` is 1). It prints
+``RESULT {..}``: steps, P@1 and a checksum of the trained parameters (JSON).
 """
 from __future__ import annotations
 
 import json
 import sys
-from types import SimpleNamespace
+import zlib
 
 import numpy as np
 
-NUM_FEATURES = 500
-NUM_LABELS = 197  # 99 per shard on 2 shards (1 dead padding neuron), 50 on 4 (3 dead)
-HIDDEN = 32
-BATCH = 64
-WIDTH = 8        # features per point
-MAX_LABELS = 2
+MESH = "data=2,model=2"
 
 
-def lsh_config(num_active_per_shard: int = 64):
-  from slidejax import distributed as dist
-  return dist.ShardedSlideConfig(num_active_per_shard=num_active_per_shard, l=8,
-                                 bucket_capacity=8, lr=3e-3)
+def problem():
+  """(train, test): a small synthetic split, the same in every process."""
+  from slidejax import data as xcdata
+  return xcdata.synthesize_split(1200, 300, 196, seed=0, avg_nnz=6, avg_labels=1.5,
+                                 test_fraction=0.25)
 
 
-def exact_config():
-  from slidejax import distributed as dist
-  return dist.ShardedSlideConfig(all_active=True, l=8, bucket_capacity=8, lr=3e-3, chunk_size=32)
+def config(epochs: int):
+  """A constant-rate run (extending it by an epoch continues it exactly) with pure-JAX tables
+  (each process's first CPU device is in the mesh: host callbacks cannot run there)."""
+  from slidejax.train import TrainConfig
+  return TrainConfig(hidden=16, l=4, bucket_capacity=8, num_active=64, batch_size=32,
+                     epochs=epochs, lr=5e-3, schedule="constant", dropout=0.0,
+                     rebuild_first=5, seed=3, builder="jax", mesh=MESH, checkpoint_every=20)
 
 
-def batches(steps: int, seed: int = 0) -> list[SimpleNamespace]:
-  """The same global batches in every process (numpy, seeded)."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(steps):
-    out.append(SimpleNamespace(
-        feature_ids=rng.integers(0, NUM_FEATURES, (BATCH, WIDTH)).astype(np.int32),
-        feature_values=rng.random((BATCH, WIDTH)).astype(np.float32),
-        label_ids=rng.integers(0, NUM_LABELS, (BATCH, MAX_LABELS)).astype(np.int32),
-        rows=np.arange(BATCH, dtype=np.int32)))
-  return out
-
-
-def train(mesh, steps: int):
-  """LSH training on ``mesh`` from a fixed seed: (loss of every step, final state)."""
+def checksum(model) -> int:
+  """CRC-32 of every trained parameter's whole value (gathered from every process)."""
   import jax
+  from flax import nnx
 
-  from slidejax import distributed as dist
-  state = dist.init_sharded(jax.random.key(0), mesh, NUM_FEATURES, NUM_LABELS, HIDDEN,
-                            lsh_config())
-  losses = []
-  for i, batch in enumerate(batches(steps)):
-    state, loss = dist.sharded_train_step(state, batch, jax.random.key(100 + i))
-    if i == 1:
-      state = dist.sharded_rebuild(state, jax.random.key(7))
-    losses.append(float(loss))
-  return losses, state
-
-
-def top_k(state, k: int = 5) -> np.ndarray:
-  """Exact top-``k`` labels of the first 10 points of batch 0."""
-  from slidejax import distributed as dist
-  batch = batches(1)[0]
-  return dist.sharded_top_k(state, batch.feature_ids[:10], batch.feature_values[:10], k)
+  from slidejax.distributed import host_value
+  crc = 0
+  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+    crc = zlib.crc32(np.ascontiguousarray(host_value(leaf)).view(np.uint8).reshape(-1), crc)
+  return crc
 
 
 def main(argv: list[str]) -> int:
-  process_id, num_processes, port, steps = (int(a) for a in argv[1:5])
+  process_id, num_processes, port = (int(a) for a in argv[1:4])
+  directory, epochs, resume = argv[4], int(argv[5]), argv[6] == "1"
   import jax
 
   from slidejax import distributed as dist
+  from slidejax import train
   # = jax.config.update: jax_platforms "cpu", jax_num_cpu_devices 2,
   # jax_cpu_collectives_implementation "gloo"; then jax.distributed.initialize(...).
   dist.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id, cpu_devices=2,
                               timeout=60)
-  mesh = dist.make_mesh(data=2, model=2)
-  losses, state = train(mesh, steps)
+  trn, tst = problem()
+  result = train.fit(config(epochs), trn, tst, checkpoint_dir=directory, resume=resume,
+                     progress=False, log=lambda message: None)
   print(f"DEVICES global={jax.device_count()} local={jax.local_device_count()}", flush=True)
-  print("LOSSES " + json.dumps(losses), flush=True)
-  print("TOPK " + json.dumps(top_k(state).tolist()), flush=True)
+  print("RESULT " + json.dumps({"steps": result["steps"], "p@1": result["p@1"],
+                                "checksum": checksum(result["model"])}), flush=True)
   jax.distributed.shutdown()
   return 0
 

@@ -5,11 +5,12 @@ fixture; it is not global because optax's Adam itself mixes Python floats with i
 """
 import os
 
-# Several CPU devices for the sharding tests; must be set before JAX initialises its backends.
+# Several CPU devices for the sharding tests (4 for a data=2,model=2 mesh and the first one,
+# where host callbacks stage their arguments); set before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "")
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_num_cpu_devices", 5)
 
 import pathlib  # noqa: E402
 

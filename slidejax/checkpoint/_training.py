@@ -101,6 +101,12 @@ def _fmt(shape: tuple[int, ...], dtype: str) -> str:
   return f"{dtype}{list(shape)}"
 
 
+def _host_value(array) -> np.ndarray:
+  """The whole value of a leaf on this host (gathered when it spans several processes)."""
+  from slidejax.distributed import host_value
+  return host_value(array)
+
+
 def _crc(array: np.ndarray) -> int:
   return zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
 
@@ -149,24 +155,24 @@ def _first_mismatch(saved: list[dict], expected: list[tuple[str, Any]]) -> str |
 
 
 def _default_sharding() -> jax.sharding.Sharding:
-  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  """Where a leaf without a placement is restored: this process's first device."""
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _restore_target(record: dict, leaf) -> jax.ShapeDtypeStruct:
-  """What orbax restores for one leaf: key data for a typed key, else the leaf itself."""
-  sharding = getattr(leaf, "sharding", None)
+  """What orbax restores for one leaf: key data for a typed key (placed as the key; its
+  extra trailing axis is not split), else the leaf itself."""
+  sharding = getattr(leaf, "sharding", None) or _default_sharding()
   if "key_impl" in record:
     data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
-    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=_default_sharding())
-  return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding or _default_sharding())
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+  return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
 def _rebuild_leaf(record: dict, leaf, restored: jax.Array) -> jax.Array:
   if "key_impl" not in record:
     return restored
-  key = jax.random.wrap_key_data(restored, impl=record["key_impl"])
-  sharding = getattr(leaf, "sharding", None)
-  return key if sharding is None else jax.device_put(key, sharding)
+  return jax.random.wrap_key_data(restored, impl=record["key_impl"])
 
 
 class TrainingCheckpoints:
@@ -221,7 +227,7 @@ class TrainingCheckpoints:
     meta = json.loads(json.dumps(meta))
     leaves = _flatten(state)
     stored = [_stored_leaf(path, leaf) for path, leaf in leaves]
-    host = [np.asarray(a) for a in stored]
+    host = [_host_value(a) for a in stored]
     manifest = {"format": FORMAT, "step": step,
                 "leaves": [_leaf_record(p, leaf, h) for (p, leaf), h in zip(leaves, host)]}
     self._prepare_save(step)
@@ -321,7 +327,7 @@ class TrainingCheckpoints:
 
   def _verify(self, path: pathlib.Path, records: list[dict], arrays: list[jax.Array]) -> None:
     for record, array in zip(records, arrays):
-      if _crc(np.asarray(array)) != record["crc32"]:
+      if _crc(_host_value(array)) != record["crc32"]:
         raise CheckpointError(
             f"{path}: damaged checkpoint, leaf {record['path']} fails its checksum; "
             "restore an earlier step or re-train")

@@ -43,15 +43,23 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 
 def make_mesh(data: int = 1, model: int = 1, *, devices=None) -> Mesh:
-  """A ``data x model`` mesh over ``devices`` (default: all global devices, every process).
+  """A ``data x model`` mesh over ``devices`` (default: the global devices, every process;
+  on CPU the first one is left out when a spare exists: host callbacks stage their arguments
+  there, and a mesh on it runs the LSH tables in pure JAX instead of the host kernels).
 
   ``model`` is the minor (fastest-varying) axis, so a model group sits on neighbouring devices
   (one host, fast links) and the per-step softmax collectives stay local where possible.
   Axes are ``Auto`` typed: the sharded layer works in ``shard_map`` with explicit specs.
   """
-  devices = jax.devices() if devices is None else list(devices)
   if data < 1 or model < 1:
     raise MeshSpecError(f"mesh sizes must be >= 1, got data={data}, model={model}")
+  if devices is None:
+    devices = jax.devices()
+    if devices[0].platform == "cpu" and len(devices) > data * model:
+      # the first CPU device stages host callbacks' arguments: a mesh program running there
+      # would wait on itself, so a mesh leaves it out when a spare device exists
+      devices = devices[1:]
+  devices = list(devices)
   if data * model > len(devices):
     raise MeshSpecError(f"mesh data={data} x model={model} needs {data * model} devices, "
                         f"{len(devices)} available ({devices[0].platform}); on CPU set "

@@ -12,12 +12,28 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 _VMAP_METHOD = "sequential"
+
+# One host kernel at a time: on a mesh, every device's program calls back from its own
+# thread, and Numba's parallel kernels must not be entered by two threads at once (its
+# default threading layer is not thread-safe; measured: a hang of a data=2,model=2 step).
+# Each kernel already uses every core, so serializing costs nothing.
+_KERNEL_LOCK = threading.Lock()
+
+
+def _serialized(host):
+  """``host`` (a callback body) run under :data:`_KERNEL_LOCK`."""
+  @functools.wraps(host)
+  def locked(*args):
+    with _KERNEL_LOCK:
+      return host(*args)
+  return locked
 
 
 @functools.cache
@@ -51,6 +67,7 @@ def build_tables(codes: jax.Array, *, num_buckets: int, capacity: int, reservoir
   codes_ln = codes.T                  # table-major: the kernel reads one row per table
   words = _seed_words(key, (num_tables,))
 
+  @_serialized
   def host(codes_ln, words):
     return ops.build_tables(np.ascontiguousarray(np.asarray(codes_ln)), num_buckets, capacity,
                             reservoir, _seeds(words))
@@ -126,6 +143,7 @@ def update_tables(buckets: jax.Array, counts: jax.Array, neuron_codes: jax.Array
   ops = _hostops()
   words = _seed_words(key, (buckets.shape[0],))
 
+  @_serialized
   def host(buckets, counts, neuron_codes, neuron_ids, new_codes, words):
     return ops.update_tables(np.asarray(buckets), np.asarray(counts), np.asarray(neuron_codes),
                              np.asarray(neuron_ids), np.asarray(new_codes), reservoir,
@@ -155,6 +173,7 @@ def update_rows(rows: jax.Array, counts: jax.Array, old_rows: jax.Array, new_row
   num_tables = new_codes.shape[1]
   words = _seed_words(key, (num_tables,))
 
+  @_serialized
   def host(rows, counts, old_rows, new_rows, ids, new_codes, words):
     return ops.update_rows(np.asarray(rows), np.asarray(counts), np.asarray(old_rows),
                            np.asarray(new_rows), np.asarray(ids), np.asarray(new_codes),
@@ -185,6 +204,7 @@ def select_per_sample(rows: jax.Array, forced: jax.Array, preferred: jax.Array, 
   words = _seed_words(key, (batch,))
   policy_id = ops.POLICIES[policy]
 
+  @_serialized
   def host(rows, forced, preferred, words):
     return ops.select_per_sample(np.asarray(rows), np.asarray(forced), np.asarray(preferred),
                                  num_neurons, num_active, policy_id, threshold,
@@ -207,6 +227,7 @@ def select_shared(rows: jax.Array, forced: jax.Array, *, num_neurons: int, num_a
   words = _seed_words(key, ())
   policy_id = ops.POLICIES[policy]
 
+  @_serialized
   def host(rows, forced, words):
     return ops.select_shared(np.asarray(rows), np.asarray(forced),
                              num_neurons, num_active, policy_id, threshold,

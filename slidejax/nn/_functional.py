@@ -22,6 +22,15 @@ def gather_rows(weights: jax.Array, ids: jax.Array) -> jax.Array:
   return jnp.take(weights, ids, axis=0, mode="fill", fill_value=0)
 
 
+def gather_block_rows(weights: jax.Array, local_ids: jax.Array) -> jax.Array:
+  """Rows of ``weights`` ``[N, ...]`` split into ``S`` equal blocks, by block-local ids
+  ``[S, m]`` (out-of-range ids give zero rows): ``[S * m, ...]`` in block order. A batched
+  gather over the block axis, so each block's rows are read where the block lives."""
+  blocks = weights.reshape((local_ids.shape[0], -1) + weights.shape[1:])
+  rows = jax.vmap(gather_rows)(blocks, local_ids)
+  return rows.reshape((-1,) + weights.shape[1:])
+
+
 def embedding_bag(rows: jax.Array, values: jax.Array, bias: jax.Array | None = None) -> jax.Array:
   """Weighted sum of feature rows per sample.
 

@@ -48,8 +48,13 @@ def _gathered_shapes(fn: Callable, model: nnx.Module, args, kwargs) -> dict:
 
 
 def _row_grads(layer, delta_grads: dict) -> dict:
-  """name -> RowGrad of each RowParam of ``layer`` (unique ids; per-sample sets summed)."""
+  """name -> RowGrad of each RowParam of ``layer`` (unique ids; per-sample sets summed;
+  block-local ids for a layer of several blocks)."""
   gathered = layer.active_ids[...]
+  if getattr(layer, "shards", 1) > 1:   # block-local ids [S, M / S]: rows likewise
+    return {name[:-len("_delta")]: RowGrad(gathered, grad.reshape(gathered.shape
+                                                                  + grad.shape[1:]))
+            for name, grad in delta_grads.items()}
   ids = gathered.reshape(-1)
   num_rows = layer.kernel.shape[0]
   rows = {name[:-len("_delta")]: grad.reshape((-1,) + grad.shape[gathered.ndim:])

@@ -66,14 +66,19 @@ class SlideMLP(_Trunk):
   ``model.eval()``; draws from the ``dropout`` stream of ``rngs``, else its default one);
   ``residual``: a residual block ``h + relu(W h + b)`` after the embedding; ``output_init``:
   see :func:`output_initializer`. Every other keyword accepted by :class:`SlideDense` (``hash``,
-  ``k``, ``l``, ``num_active``, ``mode``, ...) configures the output layer.
+  ``k``, ``l``, ``num_active``, ``mode``, ``shards``, ...) configures the output layer. With
+  ``shards`` that do not divide ``num_labels`` the output layer is rounded up to whole blocks:
+  the extra neurons are never a label and never predicted.
   """
 
   def __init__(self, num_features: int, num_labels: int, *, hidden: int = 128,
                dropout: float = 0.0, residual: bool = False, output_init: str = "small",
                rngs: nnx.Rngs, **output_options):
     trunk = self._init_trunk(num_features, num_labels, hidden, dropout, residual, rngs)
-    self.output = SlideDense(hidden, num_labels, rngs=rngs,
+    shards = output_options.get("shards", 1)
+    outputs = -(-num_labels // shards) * shards if isinstance(shards, int) and shards > 0 \
+        else num_labels
+    self.output = SlideDense(hidden, outputs, rngs=rngs,
                              kernel_init=output_initializer(output_init, num_labels, hidden),
                              **output_options)
     # what rebuilds this model (slidejax.save writes it): sizes and every resolved option
@@ -88,8 +93,16 @@ class SlideMLP(_Trunk):
   def top_k(self, feature_ids: jax.Array, feature_values: jax.Array, k: int, *,
             exact: bool = True) -> tuple[jax.Array, jax.Array]:
     """Top-``k`` labels: (scores ``[B, k]``, ids ``[B, k]``); ``exact=False``: through the
-    LSH tables (see :meth:`SlideDense.top_k`)."""
-    return self.output.top_k(self.hidden(feature_ids, feature_values), k, exact=exact)
+    LSH tables (see :meth:`SlideDense.top_k`; id ``num_labels`` past a sample's candidates)."""
+    h = self.hidden(feature_ids, feature_values)
+    extra = self.output.out_features - self.num_labels   # neurons of a rounded-up last block
+    if not extra:
+      return self.output.top_k(h, k, exact=exact)
+    scores, ids = self.output.top_k(h, k + extra, exact=exact)
+    scores = jnp.where(ids < self.num_labels, scores, -jnp.inf)
+    best, pos = jax.lax.top_k(scores, k)
+    ids = jnp.take_along_axis(ids, pos, axis=1)
+    return best, jnp.where(jnp.isfinite(best), ids, self.num_labels)
 
 
 def sampled_softmax_loss(out: SlideOutput, sample_weight: jax.Array | None = None) -> jax.Array:

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from slidejax import lsh
 from slidejax.nn import _capture
@@ -27,6 +29,7 @@ SAMPLERS = ("lsh", "uniform", "unigram")
 CORRECTIONS = ("none", "logq")
 TRANSFORMS = ("none", "center", "mips")
 UNIGRAM_POWER = 0.75
+MODEL_AXIS = "model"   # the mesh axis a layer's blocks are laid out over (slidejax.distributed)
 
 
 class SlideOutput(NamedTuple):
@@ -70,6 +73,73 @@ def _make_family(name: str, dim: int, k: int, l: int, range_bits: int | None, bi
   raise ValueError(f"unknown hash family {name!r}; expected one of {HASH_FAMILIES}")
 
 
+def _check_shards(shards, out_features, num_active, mode, sampler, correction) -> None:
+  if not isinstance(shards, int) or shards < 1:
+    raise ValueError(f"SlideDense: shards must be a positive integer, got {shards!r}")
+  if shards == 1:
+    return
+  if out_features % shards or num_active % shards:
+    raise ValueError(f"SlideDense: shards={shards} must divide out_features ({out_features}) "
+                     f"and num_active ({num_active})")
+  if mode == "per_sample" or sampler == "unigram" or correction != "none":
+    raise ValueError("SlideDense: shards > 1 supports the shared and dense modes and the lsh "
+                     "and uniform samplers without correction")
+
+
+def _model_mesh(array, shards: int):
+  """The mesh whose ``model`` axis lays out a layer of ``shards`` blocks (from ``array``'s
+  sharding when concrete, else from the mesh in context), or None: one device's view."""
+  if shards == 1:
+    return None
+  if isinstance(array, jax.core.Tracer):   # traced: the mesh in context (jax.set_mesh)
+    mesh = _concrete_mesh_in_context() or jax.sharding.get_abstract_mesh()
+  else:
+    sharding = getattr(array, "sharding", None)
+    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
+  if mesh is None or mesh.empty or MODEL_AXIS not in mesh.axis_names:
+    return None
+  size = mesh.shape[MODEL_AXIS]
+  if size == 1:
+    return None
+  if shards % size:
+    raise ValueError(f"SlideDense: {shards} blocks do not divide over a model axis of {size}")
+  return mesh
+
+
+def _value(variable):
+  """The value of an optional variable (None where the layer has none)."""
+  return None if variable is None else variable.get_value()
+
+
+def _concrete_mesh_in_context():
+  """The device mesh set by ``jax.set_mesh`` while tracing (its devices decide the table
+  backend, see :func:`_mesh_backend`); None if this JAX does not say (then pure JAX)."""
+  try:
+    from jax._src import mesh as mesh_lib   # no public accessor inside jit (JAX 0.10)
+    mesh = mesh_lib.get_concrete_mesh()
+  except (ImportError, AttributeError):
+    return None
+  return None if mesh is None or mesh.empty else mesh
+
+
+def _mesh_backend(backend: str | None, mesh) -> str | None:
+  """The table backend of a layer on ``mesh``. Host callbacks stage their arguments on the
+  first CPU device, so a mesh program running there would wait on itself (measured: a hung
+  step); on such a mesh the tables work in pure JAX (``slidejax.distributed.make_mesh``
+  leaves that device out when it can)."""
+  if mesh is None or backend == "jax" or lsh.resolve_backend(backend) != "host":
+    return backend
+  devices = getattr(mesh, "devices", None)
+  staging = jax.local_devices(backend="cpu")[0]
+  if devices is not None and staging not in devices.flat:
+    return backend
+  if backend == "host":
+    raise ValueError("SlideDense: backend='host' on a mesh that holds the first CPU device "
+                     "(where host callbacks stage their arguments): build the mesh without it "
+                     "(slidejax.distributed.make_mesh does when a spare device exists)")
+  return "jax"
+
+
 def _selection_stream(rngs: nnx.Rngs) -> nnx.Rngs | None:
   try:
     return nnx.Rngs(select=rngs.select())
@@ -79,8 +149,10 @@ def _selection_stream(rngs: nnx.Rngs) -> nnx.Rngs | None:
 
 @functools.lru_cache(maxsize=None)
 def _rebuild_program(family, bucket_capacity: int, insertion: str, backend: str | None,
-                     keep_codes: bool):
-  """One jitted table build per static configuration: ``(hash_params, kernel, key) -> tables``."""
+                     keep_codes: bool, shards: int = 1, mesh=None):
+  """One jitted table build per static configuration: ``(hash_params, kernel, key) -> tables``
+  (with ``shards`` > 1: one table set per block of rows, stacked; on ``mesh`` each model
+  shard builds its own blocks)."""
 
   def rebuild(hash_params, kernel, key):
     # lax.map keeps one chunk of projections alive at a time (unrolled chunks let XLA hold
@@ -92,7 +164,26 @@ def _rebuild_program(family, bucket_capacity: int, insertion: str, backend: str 
                             insertion=insertion, key=key, backend=backend,
                             keep_codes=keep_codes)
 
-  return jax.jit(rebuild)
+  if shards == 1:
+    return jax.jit(rebuild)
+  blocks = _on_blocks(jax.vmap(rebuild), mesh, 3)
+
+  def rebuild_blocks(hash_params, kernel, key):
+    return blocks(hash_params, kernel.reshape((shards, -1) + kernel.shape[1:]),
+                  jax.random.split(key, shards))
+
+  return jax.jit(rebuild_blocks)
+
+
+def _on_blocks(fn, mesh, num_blocked: int, num_shared: int = 0):
+  """``fn`` over arguments whose leading axis is the block axis (the first ``num_blocked``)
+  and shared ones (the next ``num_shared``); on ``mesh``, run per model shard (``shard_map``:
+  each shard's blocks, host callbacks on its own device), outputs blocked."""
+  if mesh is None:
+    return fn
+  specs = (P(MODEL_AXIS),) * num_blocked + (P(),) * num_shared
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(MODEL_AXIS),
+                       check_vma=False)
 
 
 class SlideDense(nnx.Module):
@@ -148,6 +239,12 @@ class SlideDense(nnx.Module):
       ``mips`` the asymmetric transform for maximum inner product search (Neyshabur & Srebro
       2015): rows ``[w, b] / U`` completed by ``sqrt(1 - |[w, b] / U|^2)`` (``U`` the largest
       row norm), queries ``[x, 1, 0]``, so the angle a hash sees is monotone in the logit.
+    shards: split the neurons into this many equal blocks of contiguous rows, each with its
+      own hash functions and tables, each contributing ``num_active / shards`` active
+      neurons (both must divide evenly). The layout of a layer sharded over a mesh's
+      ``model`` axis (:mod:`slidejax.distributed`: block ``s`` lives on model shard ``s``);
+      the same math on one device, so a model trained on a mesh runs anywhere. ``shared``
+      and ``dense`` modes, ``lsh`` and ``uniform`` samplers, no ``logq`` correction.
   """
 
   def __init__(self, in_features: int, out_features: int, *, hash: str = "simhash",
@@ -158,7 +255,7 @@ class SlideDense(nnx.Module):
                track_codes: bool = False, kernel_init: nnx.Initializer | None = None,
                sampler: str = "lsh", label_counts=None, uniform_share: float = 0.5,
                correction: str = "none", transform: str = "none",
-               in_batch_negatives: bool = True, dtype=jnp.float32,
+               in_batch_negatives: bool = True, shards: int = 1, dtype=jnp.float32,
                rngs: nnx.Rngs):
     if sampler not in SAMPLERS:
       raise ValueError(f"SlideDense: sampler {sampler!r} is not one of {SAMPLERS}")
@@ -184,8 +281,9 @@ class SlideDense(nnx.Module):
     if num_active > out_features:
       raise ValueError(f"SlideDense: num_active={num_active} is larger than the layer "
                        f"({out_features} neurons); use mode='dense' to compute every neuron")
+    _check_shards(shards, out_features, num_active, mode, sampler, correction)
     if range_bits is None:
-      range_bits = lsh.default_range_bits(out_features, bucket_capacity)
+      range_bits = lsh.default_range_bits(out_features // shards, bucket_capacity)
     if k is None:
       k = {"simhash": range_bits, "wta": 6, "dwta": 6, "minhash": 4}.get(hash, 6)
     self.resolved_options = dict(
@@ -193,7 +291,8 @@ class SlideDense(nnx.Module):
         bucket_capacity=bucket_capacity, num_active=num_active, policy=policy,
         threshold=threshold, mode=mode, insertion=insertion, backend=backend,
         track_codes=track_codes, sampler=sampler, uniform_share=float(uniform_share),
-        correction=correction, transform=transform, in_batch_negatives=in_batch_negatives)
+        correction=correction, transform=transform, in_batch_negatives=in_batch_negatives,
+        shards=shards)
     self.in_features = in_features
     self.out_features = out_features
     self.num_active = num_active
@@ -209,6 +308,7 @@ class SlideDense(nnx.Module):
     self.correction = correction
     self.in_batch_negatives = in_batch_negatives
     self.transform = transform
+    self.shards = shards
     init = kernel_init or lecun_rows(out_features)   # lecun_normal, drawn in row blocks
     self.kernel = RowParam(init(rngs.params(), (out_features, in_features), dtype))
     self.bias = RowParam(jnp.zeros((out_features,), dtype))
@@ -217,7 +317,10 @@ class SlideDense(nnx.Module):
     if self.uses_tables:
       hashed_width = in_features + (2 if transform == "mips" else 0)
       self.family = _make_family(hash, hashed_width, k, l, range_bits, bin_size)
-      self.hash_params = HashParams(self.family.init(rngs.params()))
+      init_hashes = self.family.init if shards == 1 else jax.vmap(self.family.init)
+      hash_key = rngs.params()
+      self.hash_params = HashParams(init_hashes(
+          hash_key if shards == 1 else jax.random.split(hash_key, shards)))
       self.tables = HashTables(self._build(rngs.params()))
     else:   # samplers without hashing: no tables, nothing to rebuild
       self.family = None
@@ -249,15 +352,35 @@ class SlideDense(nnx.Module):
                              axis=1) / scale
     return kernel
 
-  def hash_codes(self, inputs: jax.Array) -> jax.Array:
-    """int32 ``[B, l]``: the table codes of ``inputs`` ``[B, in_features]``."""
+  @property
+  def block_rows(self) -> int:
+    """Neurons per block (``out_features / shards``)."""
+    return self.out_features // self.shards
+
+  def model_mesh(self):
+    """The mesh this layer's blocks are laid out over (None: one device's view)."""
+    return _model_mesh(self.kernel.get_value(), self.shards)
+
+  def hash_codes(self, inputs: jax.Array, hash_params=None) -> jax.Array:
+    """int32 ``[B, l]``: the table codes of ``inputs`` ``[B, in_features]`` (with blocks:
+    ``[shards, B, l]``, each block's own; ``hash_params``: one block's, default all)."""
     if self.transform == "mips":
       extra = jnp.broadcast_to(jnp.asarray([1.0, 0.0], inputs.dtype), inputs.shape[:-1] + (2,))
       inputs = jnp.concatenate([inputs, extra], axis=-1)
-    return self.family.codes(self.hash_params.get_value(), inputs)
+    if hash_params is None:
+      hash_params = self.hash_params.get_value()
+      if self.shards > 1:
+        return jax.vmap(self.family.codes, in_axes=(0, None))(hash_params, inputs)
+    return self.family.codes(hash_params, inputs)
 
   def _build(self, key: jax.Array) -> lsh.LSHTables:
     kernel = self._hashed_rows()
+    if self.shards > 1:   # one table set per block (per model shard on a mesh)
+      mesh = _model_mesh(kernel, self.shards)
+      program = _rebuild_program(self.family, self.bucket_capacity, self.insertion,
+                                 _mesh_backend(self.backend, mesh), self.track_codes,
+                                 self.shards, mesh)
+      return program(self.hash_params.get_value(), kernel, key)
     if (lsh.resolve_backend(self.backend) == "host"
         and not isinstance(kernel, jax.core.Tracer)):   # eager: stream, bounded memory
       return lsh.build_tables_streamed(self.family, self.hash_params.get_value(), kernel,
@@ -282,7 +405,14 @@ class SlideDense(nnx.Module):
       key = self.rngs.select()
     build_key, draw_key = jax.random.split(key)
     if redraw:
-      self.hash_params.set_value(self.family.init(draw_key))
+      old = self.hash_params.get_value()
+      if self.shards == 1:
+        new = self.family.init(draw_key)
+      else:   # placed as the old ones were (on a mesh: over the model axis)
+        new = jax.vmap(self.family.init)(jax.random.split(draw_key, self.shards))
+        from slidejax.distributed import place
+        new = place(new, jax.tree.map(lambda o: o.sharding, old))
+      self.hash_params.set_value(new)
     if free_old:
       for array in self.tables.get_value():
         if isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer):
@@ -292,17 +422,52 @@ class SlideDense(nnx.Module):
   # -- forward ------------------------------------------------------------------------------
   def select(self, inputs: jax.Array, *, labels: jax.Array | None, key: jax.Array):
     """The active set for ``inputs`` ``[B, in]`` (labels ``[B, f]`` forced in, -1 padding):
-    an :class:`slidejax.lsh.ActiveSet` (per-sample) or ``SharedActiveSet``."""
-    options = dict(num_active=self.num_active, num_neurons=self.out_features, key=key,
+    an :class:`slidejax.lsh.ActiveSet` (per-sample) or ``SharedActiveSet`` (with blocks:
+    each block's ``num_active / shards`` in block order, global ids; ``num_fixed`` 0)."""
+    if self.shards > 1:
+      return self._select_blocks(inputs, labels, key)
+    return self._select_in(_value(self.tables), _value(self.hash_params), inputs, labels, key,
+                           self.num_active, self.out_features)
+
+  def _select_blocks(self, inputs, labels, key):
+    shards, rows, size = self.shards, self.block_rows, self.num_active // self.shards
+    if labels is None:
+      labels = jnp.full((inputs.shape[0], 1), -1, jnp.int32)
+
+    mesh = self.model_mesh()
+    backend = _mesh_backend(self.backend, mesh)
+
+    def block(tables, hash_params, index, inputs, labels, key):
+      first = index * rows   # this block's labels, as block-local ids
+      local = jnp.where((labels >= first) & (labels < first + rows), labels - first, -1)
+      active = self._select_in(tables, hash_params, inputs, local,
+                               jax.random.fold_in(key, index), size, rows, backend)
+      return active.ids, active.valid, active.forced_slots, active.forced_dropped
+
+    run = _on_blocks(jax.vmap(block, in_axes=(0, 0, 0, None, None, None)), mesh, 3, 3)
+    ids, valid, slots, dropped = run(_value(self.tables), _value(self.hash_params),
+                                     jnp.arange(shards, dtype=jnp.int32), inputs,
+                                     labels.astype(jnp.int32), key)
+    index = jnp.arange(shards, dtype=jnp.int32)
+    ids = jnp.where(valid, ids + (index * rows)[:, None], self.out_features).reshape(-1)
+    slots = jnp.max(jnp.where(slots >= 0, slots + (index * size)[:, None, None], -1), axis=0)
+    return lsh.SharedActiveSet(ids.astype(jnp.int32), valid.reshape(-1), slots.astype(jnp.int32),
+                               jnp.sum(dropped).astype(jnp.int32), jnp.zeros((), jnp.int32))
+
+  def _select_in(self, tables, hash_params, inputs, labels, key, num_active: int,
+                 num_neurons: int, backend: str | None = None):
+    """The selection over ``num_neurons`` neurons with ``tables`` and ``hash_params`` (the
+    layer's, or one block's), on ``backend`` (default the layer's)."""
+    options = dict(num_active=num_active, num_neurons=num_neurons, key=key,
                    policy=self.policy, threshold=self.threshold, forced_ids=labels,
-                   backend=self.backend, uniform_share=self.uniform_share)
+                   backend=backend or self.backend, uniform_share=self.uniform_share)
     shared = self.mode == "shared"
     if not shared and self.in_batch_negatives and labels is not None:
       options["preferred_ids"] = labels.reshape(-1)
     if self.sampler == "lsh":
-      codes = self.hash_codes(inputs)
+      codes = self.hash_codes(inputs, hash_params)
       query = lsh.query_shared if shared else lsh.query
-      return query(self.tables.get_value(), codes, **options)
+      return query(tables, codes, **options)
     draw_key, options["key"] = jax.random.split(key)
     options.update(policy="vanilla", uniform_share=0.0)
     rows = 1 if shared else inputs.shape[0]
@@ -310,9 +475,9 @@ class SlideDense(nnx.Module):
       candidates = jnp.full((rows, 1, 0), -1, jnp.int32)
     else:
       cdf = self.sampler_cdf[...]
-      u = jax.random.uniform(draw_key, (rows, 1, self.num_active), jnp.float32) * cdf[-1]
+      u = jax.random.uniform(draw_key, (rows, 1, num_active), jnp.float32) * cdf[-1]
       candidates = jnp.minimum(jnp.searchsorted(cdf, u, side="right"),
-                               self.out_features - 1).astype(jnp.int32)
+                               num_neurons - 1).astype(jnp.int32)
     return (lsh.select_shared if shared else lsh.select)(candidates, **options)
 
   def _unigram_probs(self, ids: jax.Array) -> jax.Array:
@@ -386,29 +551,44 @@ class SlideDense(nnx.Module):
       dropped = getattr(active, "forced_dropped", jnp.zeros((), jnp.int32))
       correction = self._logit_correction(active, slots.astype(jnp.int32))
     _capture.record(self, ids.shape)
-    rows = F.gather_rows(self.kernel[...], ids)
-    bias_rows = F.gather_rows(self.bias[...], ids)
+    gathered = jnp.where(valid, ids, self.out_features).astype(jnp.int32)
+    if self.shards > 1:   # block by block: local to each model shard on a mesh
+      gathered = self._block_local(gathered)
+      rows = F.gather_block_rows(self.kernel[...], gathered)
+      bias_rows = F.gather_block_rows(self.bias[...], gathered)
+    else:
+      rows = F.gather_rows(self.kernel[...], ids)
+      bias_rows = F.gather_rows(self.bias[...], ids)
     if self.kernel_delta is not None:
       if self.bias_delta.shape != ids.shape:
         raise ValueError(f"SlideDense: row capture prepared for ids {self.bias_delta.shape}, "
                          f"this call gathers {ids.shape}")
       rows = rows + self.kernel_delta[...]
       bias_rows = bias_rows + self.bias_delta[...]
-      self.active_ids.set_value(jnp.where(valid, ids, self.out_features).astype(jnp.int32))
+      self.active_ids.set_value(gathered)
     if ids.ndim == 1:
       logits = F.shared_logits(inputs, rows, bias_rows, valid)
     else:
       logits = F.per_sample_logits(inputs, rows, bias_rows, valid)
     return SlideOutput(logits, ids, valid, slots.astype(jnp.int32), dropped, correction)
 
+  def _block_local(self, ids: jax.Array) -> jax.Array:
+    """Global ids ``[M]`` in block order (padding ``N``) -> block-local ``[shards, M / shards]``
+    (padding ``N / shards``)."""
+    blocks = ids.reshape(self.shards, -1)
+    first = (jnp.arange(self.shards, dtype=jnp.int32) * self.block_rows)[:, None]
+    return jnp.where(blocks < self.out_features, blocks - first, self.block_rows)
+
   def attach_row_delta(self, ids_shape: tuple[int, ...]) -> None:
     """Prepares row-gradient capture for gathered ids of ``ids_shape`` (``[M]`` shared,
-    ``[B, m]`` per-sample, ``[N]`` dense); see :func:`slidejax.nn.value_and_grad`."""
+    ``[B, m]`` per-sample, ``[N]`` dense); see :func:`slidejax.nn.value_and_grad`. With
+    blocks the gathered ids are kept block-local, ``[shards, M / shards]``."""
     shape = tuple(ids_shape)
     dtype = self.kernel.dtype
     self.kernel_delta = RowDelta(jnp.zeros(shape + (self.in_features,), dtype))
     self.bias_delta = RowDelta(jnp.zeros(shape, dtype))
-    self.active_ids = ActiveIds(jnp.zeros(shape, jnp.int32))
+    ids_kept = shape if self.shards == 1 else (self.shards, shape[0] // self.shards)
+    self.active_ids = ActiveIds(jnp.zeros(ids_kept, jnp.int32))
 
   def detach_row_delta(self) -> None:
     self.kernel_delta = nnx.data(None)
@@ -425,10 +605,41 @@ class SlideDense(nnx.Module):
     with no random ids, so a sample's result does not depend on its batch. Slots beyond a
     sample's candidates hold score ``-inf`` and id ``out_features``.
     """
+    if self.shards > 1:
+      return self._top_k_blocks(inputs, k, exact, chunk_size)
     if exact or not self.uses_tables:
       return F.top_k_chunked(inputs, self.kernel[...], self.bias[...], k, chunk_size)
     candidates = lsh.bucket_rows(self.tables.get_value(), self.hash_codes(inputs))
-    ids = jnp.sort(candidates.reshape(inputs.shape[0], -1), axis=1)
+    return self._top_k_of(inputs, candidates.reshape(inputs.shape[0], -1), k)
+
+  def _top_k_blocks(self, inputs, k, exact, chunk_size):
+    """:meth:`top_k` block by block (on a mesh: each shard its own), then merged."""
+    rows, blocks = self.block_rows, jnp.arange(self.shards, dtype=jnp.int32)
+    if exact or not self.uses_tables:
+      def block(kernel, bias, index, inputs):
+        scores, ids = F.top_k_chunked(inputs, kernel, bias, min(k, rows), chunk_size)
+        return scores, jnp.where(ids < rows, ids + index * rows, self.out_features)
+      kernel = self.kernel[...].reshape(self.shards, rows, -1)
+      bias = self.bias[...].reshape(self.shards, rows)
+      run = _on_blocks(jax.vmap(block, in_axes=(0, 0, 0, None)), self.model_mesh(), 3, 1)
+      scores, ids = run(kernel, bias, blocks, inputs)      # [S, B, k']
+      scores = jnp.moveaxis(scores, 0, 1).reshape(inputs.shape[0], -1)
+      ids = jnp.moveaxis(ids, 0, 1).reshape(inputs.shape[0], -1)
+      best, pos = jax.lax.top_k(scores, k)
+      return best, jnp.take_along_axis(ids, pos, axis=1)
+
+    def candidates_of(tables, hash_params, index, inputs):
+      found = lsh.bucket_rows(tables, self.hash_codes(inputs, hash_params))
+      return jnp.where(found >= 0, found + index * rows, -1)
+
+    run = _on_blocks(jax.vmap(candidates_of, in_axes=(0, 0, 0, None)), self.model_mesh(), 3, 1)
+    found = run(self.tables.get_value(), self.hash_params.get_value(), blocks, inputs)
+    found = jnp.moveaxis(found, 0, 1).reshape(inputs.shape[0], -1)
+    return self._top_k_of(inputs, found, k)
+
+  def _top_k_of(self, inputs, candidates, k):
+    """Top-``k`` of each sample's candidate ids ``[B, c]`` (-1: none), scored exactly."""
+    ids = jnp.sort(candidates, axis=1)
     ids = jnp.where(ids < 0, self.out_features, ids)   # empty slots sort first: move them
     repeated = jnp.concatenate([jnp.zeros_like(ids[:, :1], bool), ids[:, 1:] == ids[:, :-1]],
                                axis=1)

@@ -27,8 +27,12 @@ class RowGrad(NamedTuple):
   ``ids[i]``; every other row's gradient is zero.
 
   Attributes:
-    ids: int32 ``[R]`` unique row ids; ``N`` (out of range) marks padding.
-    rows: ``[R, ...]``, zero at padding.
+    ids: int32 ``[R]`` unique row ids; ``N`` (out of range) marks padding. Or, for a
+      parameter split into ``S`` equal row blocks (a layer laid out over ``S`` model shards,
+      :class:`slidejax.nn.SlideDense` with ``shards=S``), ``[S, R]`` block-local ids: row
+      ``ids[s, i]`` of block ``s``, ``N / S`` marking padding; the update then runs block by
+      block (a batched gather and scatter, local to each shard on a mesh).
+    rows: ``[R, ...]`` (``[S, R, ...]``), zero at padding.
   """
   ids: jax.Array
   rows: jax.Array
@@ -60,16 +64,38 @@ def _param_trees(tree: Any, params: Any, fn) -> Any:
                       is_leaf=like_params)
 
 
+def _blocks(leaf, ids):
+  """``leaf`` ``[N, ...]`` seen as ``[S, N / S, ...]`` for block-local ``ids`` ``[S, R]``."""
+  return leaf.reshape((ids.shape[0], -1) + leaf.shape[1:])
+
+
+def _take(leaf, ids):
+  return jnp.take(leaf, ids, axis=0, mode="fill", fill_value=0)
+
+
 def _take_rows(leaf, ids):
   if ids is _DENSE:
     return leaf
-  return jnp.take(leaf, ids, axis=0, mode="fill", fill_value=0)
+  if ids.ndim == 2:
+    return jax.vmap(_take)(_blocks(leaf, ids), ids)
+  return _take(leaf, ids)
+
+
+def _scatter(leaf, new, ids, add: bool):
+  """``leaf`` with ``new`` set into (or added to) rows ``ids`` (flat or block-local)."""
+  def one(block, new, ids):
+    at = block.at[ids]
+    new = new.astype(block.dtype)
+    return at.add(new, mode="drop", unique_indices=True) if add else at.set(new, mode="drop")
+  if ids.ndim == 2:
+    return jax.vmap(one)(_blocks(leaf, ids), new, ids).reshape(leaf.shape)
+  return one(leaf, new, ids)
 
 
 def _put_rows(leaf, new, ids):
   if ids is _DENSE:
     return new
-  return leaf.at[ids].set(new.astype(leaf.dtype), mode="drop")
+  return _scatter(leaf, new, ids, add=False)
 
 
 def row_sparse_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any,
@@ -105,7 +131,7 @@ def row_sparse_update(tx: optax.GradientTransformation, grads: Any, opt_state: A
   def apply(param, update, row_ids):
     if row_ids is _DENSE:
       return (param + update).astype(param.dtype)
-    return param.at[row_ids].add(update.astype(param.dtype), mode="drop", unique_indices=True)
+    return _scatter(param, update, row_ids, add=True)
 
   return jax.tree.map(apply, params, updates, ids), new_state
 

@@ -73,13 +73,14 @@ class TrainConfig:
   in_batch_negatives: bool = True
   loss: str = "softmax"   # or "sigmoid": one-vs-all over the active set
   probe_every: int = 0   # selection telemetry (slidejax.nn.selection_probe) every n steps
+  mesh: str | None = None   # "data=D,model=S": the model laid out over D x S devices
 
   # Fields that shape the model, its state and the run's plan: a checkpoint must agree.
   STATE_FIELDS = ("hidden", "dropout", "weight_decay", "residual", "output_init", "hash", "k",
                   "l", "bucket_capacity", "range_bits", "num_active", "policy", "mode",
                   "batch_size", "max_features", "max_labels", "dense", "seed", "lr",
                   "schedule", "validation", "patience", "sampler", "uniform_share",
-                  "correction", "transform", "loss", "in_batch_negatives")
+                  "correction", "transform", "loss", "in_batch_negatives", "mesh")
 
   @property
   def uses_tables(self) -> bool:
@@ -116,11 +117,40 @@ def validate(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | No
       raise TrainingError(f"test set has {test.num_labels} labels, the training set (and model) "
                           f"{train.num_labels}")
   check_options(config)
+  _check_mesh_options(config)
   if (not config.dense and config.num_active != "auto"
       and config.num_active > train.num_labels):
     raise TrainingError(f"num_active={config.num_active} is larger than the output layer "
                         f"({train.num_labels} labels); lower --num-active, use --num-active "
                         f"auto or --dense")
+
+
+def mesh_sizes(config: TrainConfig) -> dict[str, int]:
+  """``{"data": D, "model": S}`` of ``config.mesh`` (both 1 without one)."""
+  from slidejax.distributed import MeshSpecError
+  from slidejax.distributed import parse_mesh
+  try:
+    return parse_mesh(config.mesh or "")
+  except MeshSpecError as err:
+    raise TrainingError(str(err)) from None
+
+
+def _check_mesh_options(config: TrainConfig) -> None:
+  """What a run on a mesh needs: batches that split over ``data``, an active set that
+  splits over ``model``, and the options a layer of several blocks supports."""
+  sizes = mesh_sizes(config)
+  if config.batch_size % sizes["data"]:
+    raise TrainingError(f"batch_size {config.batch_size} must be a multiple of the mesh's "
+                        f"data axis ({sizes['data']})")
+  shards = sizes["model"]
+  if shards == 1 or config.dense:
+    return
+  if config.num_active != "auto" and config.num_active % shards:
+    raise TrainingError(f"num_active {config.num_active} (the total active set) must split "
+                        f"evenly over the mesh's model axis ({shards})")
+  if config.mode != "shared" or config.sampler == "unigram" or config.correction != "none":
+    raise TrainingError("a mesh with a model axis supports mode shared, samplers lsh and "
+                        "uniform, and no correction")
 
 
 def _positive(value, name: str, *, integer: bool = False, zero: bool = False) -> None:
@@ -192,6 +222,8 @@ def resolve_config(config: TrainConfig, train: xcdata.XCData) -> tuple[TrainConf
       notes["num_active"] = (f"dense: {train.num_labels} labels <= "
                              f"{_plan.AUTO_DENSE_LABELS} (or --dense)")
     else:
+      shards = mesh_sizes(config)["model"]
+      picked = max(shards, picked - picked % shards)   # splits over the model axis
       config = dataclasses.replace(config, num_active=picked)
       notes["num_active"] = f"{picked} of {train.num_labels} labels"
   if config.lr == "auto":

@@ -24,6 +24,7 @@ from slidejax.train import _plan
 from slidejax.train._config import TrainConfig
 from slidejax.train._config import TrainingDiverged
 from slidejax.train._config import TrainingError
+from slidejax.train._config import mesh_sizes
 from slidejax.train._config import resolve_config
 from slidejax.train._config import validate
 from slidejax.train._step import TrainBatch
@@ -65,7 +66,7 @@ def build_model(config: TrainConfig, num_features: int, num_labels: int,
     sampling.update(hash=config.hash, k=config.k, l=config.l,
                     bucket_capacity=config.bucket_capacity, range_bits=config.range_bits)
   return SlideMLP(num_features, num_labels, num_active=config.num_active, mode=config.mode,
-                  rngs=rngs, **trunk, **sampling)
+                  shards=mesh_sizes(config)["model"], rngs=rngs, **trunk, **sampling)
 
 
 def evaluate_model(predict, data: xcdata.XCData, *, batch_size: int, max_features: int,
@@ -130,7 +131,14 @@ def _build_trainer(config: TrainConfig, train: xcdata.XCData) -> Trainer:
   loss = {"softmax": nn.sampled_softmax_loss, "sigmoid": nn.sampled_sigmoid_loss}[config.loss]
   tx = optax.inject_hyperparams(optax.adamw)(learning_rate=config.lr,
                                              weight_decay=config.weight_decay)
-  return Trainer(model, tx, loss=loss)
+  mesh = None
+  if config.mesh:
+    from slidejax import distributed
+    try:
+      mesh = distributed.make_mesh(**mesh_sizes(config))
+    except distributed.MeshSpecError as err:
+      raise TrainingError(str(err)) from None
+  return Trainer(model, tx, loss=loss, mesh=mesh)
 
 
 def _copy_model_state(trainer: Trainer):
@@ -145,7 +153,9 @@ def _with_model_state(trainer: Trainer, model_state) -> None:
 
 
 def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  """Shapes, dtypes and placements of ``tree``'s arrays (a restore places them alike)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
 
 
 def _restore(checkpoints: TrainingCheckpoints, trainer: Trainer, config: TrainConfig

@@ -12,6 +12,7 @@ loss) or ``-> logits [B, N]`` (dense softmax), as :class:`slidejax.nn.SlideMLP` 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from slidejax._memory import release_free_memory
 from slidejax.nn import SlideOutput
@@ -87,14 +90,29 @@ class Trainer:
   than the ``nnx.State`` at Amazon-670K shape). :attr:`model` / :attr:`optimizer` rebuild
   the objects from it, sharing its arrays. ``rebuild`` rebuilds the LSH tables eagerly (host
   kernels stream), freeing the old ones first.
+
+  ``mesh``: a ``("data", "model")`` mesh (:func:`slidejax.distributed.make_mesh`) to lay the
+  state out on (:mod:`slidejax.distributed`: blocked layers over ``model``, the rest
+  replicated) and split batches over ``data``; the step is the same program.
   """
 
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, *,
-               loss: Callable[..., jax.Array] = sampled_softmax_loss, donate: bool = True):
+               loss: Callable[..., jax.Array] = sampled_softmax_loss, donate: bool = True,
+               mesh=None):
     release_free_memory()   # what building the model left behind, before the optimizer state
     self.graphdef, state = nnx.split((model, Optimizer(model, tx, wrt=nnx.Param)))
     self._leaves, self._treedef = jax.tree.flatten(state)
     self.donate = donate
+    self.mesh = mesh
+    jit_options = {}
+    if mesh is not None:
+      from slidejax.distributed import _layout
+      _layout.check_layout(model, mesh)
+      self._shardings = jax.tree.leaves(_layout.state_shardings(state, model, mesh))
+      self._leaves = _layout.place(self._leaves, self._shardings)
+      batch = _layout.batch_sharding(mesh)
+      jit_options = dict(in_shardings=(self._shardings, batch),
+                         out_shardings=(self._shardings, NamedSharding(mesh, P())))
 
     def step(leaves, batch):
       model, optimizer = nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, leaves))
@@ -104,8 +122,19 @@ class Trainer:
         raise ValueError("the training step changed the structure of the model's state")
       return new_leaves, metrics
 
-    self._step = jax.jit(step, donate_argnums=(0,) if donate else ())
+    self._step = jax.jit(step, donate_argnums=(0,) if donate else (), **jit_options)
     self._compiled = {}
+
+  def _on_mesh(self):
+    """The context that traces for the trainer's mesh (none without one)."""
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  def _placed(self, leaves: list) -> list:
+    """``leaves`` where the trainer keeps them (on its mesh: laid out as at the start)."""
+    if self.mesh is None:
+      return leaves
+    from slidejax.distributed import place
+    return place(leaves, self._shardings)
 
   @property
   def state(self) -> nnx.State:
@@ -117,7 +146,7 @@ class Trainer:
     leaves, treedef = jax.tree.flatten(state)
     if treedef != self._treedef:
       raise ValueError("Trainer.state: the new state has another structure")
-    self._leaves = leaves
+    self._leaves = self._placed(leaves)
 
   @property
   def model(self) -> nnx.Module:
@@ -140,7 +169,11 @@ class Trainer:
         raise KeyError(f"the optimizer has no injected hyperparameter {name!r} (known: "
                        f"{sorted(self._hyperparam_index)})")
       i = self._hyperparam_index[name]
-      self._leaves[i] = jnp.asarray(value, self._leaves[i].dtype)
+      value = jnp.asarray(value, self._leaves[i].dtype)
+      if self.mesh is not None:
+        from slidejax.distributed import place
+        value = place(value, self._shardings[i])
+      self._leaves[i] = value
 
   def compile(self, batch_size: int, max_features: int, max_labels: int):
     """Compiles the step for a batch shape (before the first batch: the compiler's transient
@@ -148,14 +181,18 @@ class Trainer:
     shape = (batch_size, max_features, max_labels)
     if shape not in self._compiled:
       abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._leaves]
-      self._compiled[shape] = self._step.lower(abstract,
-                                               _abstract_batch(*shape)).compile()
+      with self._on_mesh():
+        self._compiled[shape] = self._step.lower(abstract,
+                                                 _abstract_batch(*shape)).compile()
       release_free_memory()
     return self._compiled[shape]
 
   def step(self, batch: TrainBatch) -> StepMetrics:
     """One training step on ``batch`` (fixed shapes); returns its metrics unread (async)."""
     shape = tuple(batch.feature_ids.shape) + (batch.label_ids.shape[1],)
+    if self.mesh is not None:   # every process holds the whole batch: each feeds its part
+      from slidejax.distributed import _layout
+      batch = _layout.global_arrays(batch, _layout.batch_sharding(self.mesh))
     self._leaves, metrics = self.compile(*shape)(self._leaves, batch)
     return metrics
 
@@ -171,10 +208,11 @@ class Trainer:
   @functools.cached_property
   def _top_k(self):
     graphdef = self.graphdef
-
     treedef = self._treedef
+    # on a mesh: answers on every device (each process reads them whole)
+    placed = {} if self.mesh is None else dict(out_shardings=NamedSharding(self.mesh, P()))
 
-    @functools.partial(jax.jit, static_argnames=("k", "exact"))
+    @functools.partial(jax.jit, static_argnames=("k", "exact"), **placed)
     def top_k(leaves, feature_ids, feature_values, k, exact):
       model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))[0]
       return model.top_k(feature_ids, feature_values, k, exact=exact)
@@ -184,4 +222,9 @@ class Trainer:
   def predict(self, feature_ids, feature_values, k: int = 5, *, exact: bool = True
               ) -> jax.Array:
     """Top-``k`` label ids int32 ``[B, k]`` of the current model."""
-    return self._top_k(self._leaves, feature_ids, feature_values, k, exact)[1]
+    if self.mesh is not None:
+      from slidejax.distributed import _layout
+      feature_ids, feature_values = _layout.global_arrays(
+          (feature_ids, feature_values), NamedSharding(self.mesh, P()))
+    with self._on_mesh():
+      return self._top_k(self._leaves, feature_ids, feature_values, k, exact)[1]
