@@ -1,12 +1,13 @@
 """Helper of tests/test_distributed.py: one process of a 2-process ``fit`` on a mesh.
 
-  python tests/_dist_worker.py PROCESS_ID NUM_PROCESSES PORT CHECKPOINT_DIR EPOCHS RESUME
+  python tests/_dist_worker.py PROCESS_ID NUM_PROCESSES PORT CHECKPOINT_DIR EPOCHS RESUME [SAVE]
 
 Each process gets 2 local CPU devices and gloo collectives, joins the job through
 ``jax.distributed.initialize``, and runs :func:`slidejax.train.fit` with ``mesh="data=2,model=2"``
 over the 4 global devices on :func:`problem` (the same data in every process), checkpointing
-every epoch to ``CHECKPOINT_DIR`` (resuming from it when ``RESUME`` is 1). It prints
-``RESULT {..}``: steps, P@1 and a checksum of the trained parameters (JSON).
+every 20 steps to ``CHECKPOINT_DIR`` (resuming from it when ``RESUME`` is 1), and saves the
+trained model to ``SAVE`` when given. It prints ``RESULT {..}``: steps, P@1 and a checksum of
+the trained parameters (JSON).
 """
 from __future__ import annotations
 
@@ -50,8 +51,10 @@ def checksum(model) -> int:
 def main(argv: list[str]) -> int:
   process_id, num_processes, port = (int(a) for a in argv[1:4])
   directory, epochs, resume = argv[4], int(argv[5]), argv[6] == "1"
+  save = argv[7] if len(argv) > 7 else None
   import jax
 
+  from slidejax import checkpoint
   from slidejax import distributed as dist
   from slidejax import train
   # = jax.config.update: jax_platforms "cpu", jax_num_cpu_devices 2,
@@ -61,6 +64,8 @@ def main(argv: list[str]) -> int:
   trn, tst = problem()
   result = train.fit(config(epochs), trn, tst, checkpoint_dir=directory, resume=resume,
                      progress=False, log=lambda message: None)
+  if save:
+    checkpoint.save(result["model"], save)
   print(f"DEVICES global={jax.device_count()} local={jax.local_device_count()}", flush=True)
   print("RESULT " + json.dumps({"steps": result["steps"], "p@1": result["p@1"],
                                 "checksum": checksum(result["model"])}), flush=True)

@@ -237,12 +237,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(directory, epochs: int, resume: bool) -> list[dict]:
+def _two_processes(directory, epochs: int, resume: bool, save=None) -> list[dict]:
   worker = pathlib.Path(W.__file__)
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   procs = [subprocess.Popen([sys.executable, str(worker), str(i), "2", str(port),
-                             str(directory), str(epochs), "1" if resume else "0"],
+                             str(directory), str(epochs), "1" if resume else "0"]
+                            + ([str(save)] if save else []),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
            for i in range(2)]
   outputs = []
@@ -266,10 +267,12 @@ def _two_processes(directory, epochs: int, resume: bool) -> list[dict]:
 
 def test_two_processes_checkpoint_and_resume_equal_an_uninterrupted_run(tmp_path):
   """2 processes x 2 CPU devices (jax.distributed, gloo): a run checkpointed and resumed
-  ends where an uninterrupted one does, and where the same run in one process does."""
+  ends where an uninterrupted one does, and where the same run in one process does; the model
+  the processes save together loads on one device."""
   first = _two_processes(tmp_path / "ck", epochs=2, resume=False)[0]
   resumed = _two_processes(tmp_path / "ck", epochs=3, resume=True)[0]
-  straight = _two_processes(tmp_path / "straight", epochs=3, resume=False)[0]
+  straight = _two_processes(tmp_path / "straight", epochs=3, resume=False,
+                            save=tmp_path / "model")[0]
   assert first["steps"] < resumed["steps"]
   assert resumed == straight
   trn, tst = W.problem()
@@ -278,3 +281,6 @@ def test_two_processes_checkpoint_and_resume_equal_an_uninterrupted_run(tmp_path
   assert local["steps"] == straight["steps"]
   assert abs(local["p@1"] - straight["p@1"]) < 1e-9
   assert W.checksum(local["model"]) == straight["checksum"]
+  loaded = checkpoint.load(tmp_path / "model")
+  assert loaded.output.shards == 2 and W.checksum(loaded) == straight["checksum"]
+  assert not list(tmp_path.glob(".model.tmp-*"))

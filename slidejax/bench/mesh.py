@@ -33,7 +33,7 @@ def _array_bytes(dtype: str, dims: str) -> int:
   size = 1
   for d in filter(None, dims.split(",")):
     size *= int(d)
-  return size * _BYTES.get(dtype, int(dtype[1:]) // 8)
+  return size * (_BYTES[dtype] if dtype in _BYTES else int(dtype[1:]) // 8)
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:

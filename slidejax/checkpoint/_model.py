@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pathlib
+import secrets
 import shutil
 import sys
 import tempfile
@@ -211,18 +212,43 @@ def save(model: nnx.Module, directory: str | os.PathLike, *, metadata: dict | No
   state = nnx.state(model, nnx.Not(_transient_filter()))
   paths, leaves, _ = _named_leaves(state)
   spec = getattr(model, "spec", None)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+  tmp = _temporary_dir(directory)
+  primary = jax.process_index() == 0
   try:
-    arrays = _write_state(tmp / STATE_DIR, paths, leaves)
-    info = {"format_version": FORMAT_VERSION, "library_version": slidejax.__version__,
-            "spec": spec, "metadata": dict(metadata or {}),
-            "state": {"arrays": arrays, "files": _list_files(tmp / STATE_DIR)}}
-    _write_json(tmp / INFO_FILE, info)
-    _move_into_place(tmp, directory)
+    arrays = _write_state(tmp / STATE_DIR, paths, leaves)   # every process writes its shards
+    if primary:
+      info = {"format_version": FORMAT_VERSION, "library_version": slidejax.__version__,
+              "spec": spec, "metadata": dict(metadata or {}),
+              "state": {"arrays": arrays, "files": _list_files(tmp / STATE_DIR)}}
+      _write_json(tmp / INFO_FILE, info)
+      _move_into_place(tmp, directory)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if primary:
+      shutil.rmtree(tmp, ignore_errors=True)
     raise
+  _all_processes_reach("slidejax.save")
   return directory
+
+
+def _temporary_dir(directory: pathlib.Path) -> pathlib.Path:
+  """A new temporary directory beside ``directory``: one for the whole job when several
+  processes save together (process 0 names it; the others learn its name)."""
+  if jax.process_count() == 1:
+    return pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+  from jax.experimental import multihost_utils
+  number = np.int64(secrets.randbits(62) if jax.process_index() == 0 else 0)
+  number = int(multihost_utils.broadcast_one_to_all(number))
+  tmp = directory.parent / f".{directory.name}.tmp-{number:x}"
+  if jax.process_index() == 0:
+    tmp.mkdir()
+  _all_processes_reach("slidejax.save: temporary directory")
+  return tmp
+
+
+def _all_processes_reach(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 # -------------------------------------------------------------------------------------- read

@@ -15,6 +15,7 @@ from slidejax import lsh
 from slidejax.nn import _capture
 from slidejax.nn import _functional as F
 from slidejax.nn._init import lecun_rows
+from slidejax.nn._mesh import mesh_of as _mesh_of
 from slidejax.nn._variables import ActiveIds
 from slidejax.nn._variables import HashParams
 from slidejax.nn._variables import HashTables
@@ -87,16 +88,9 @@ def _check_shards(shards, out_features, num_active, mode, sampler, correction) -
 
 
 def _model_mesh(array, shards: int):
-  """The mesh whose ``model`` axis lays out a layer of ``shards`` blocks (from ``array``'s
-  sharding when concrete, else from the mesh in context), or None: one device's view."""
-  if shards == 1:
-    return None
-  if isinstance(array, jax.core.Tracer):   # traced: the mesh in context (jax.set_mesh)
-    mesh = _concrete_mesh_in_context() or jax.sharding.get_abstract_mesh()
-  else:
-    sharding = getattr(array, "sharding", None)
-    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
-  if mesh is None or mesh.empty or MODEL_AXIS not in mesh.axis_names:
+  """The mesh whose ``model`` axis lays out a layer of ``shards`` blocks, or None."""
+  mesh = _mesh_of(array) if shards > 1 else None
+  if mesh is None or MODEL_AXIS not in mesh.axis_names:
     return None
   size = mesh.shape[MODEL_AXIS]
   if size == 1:
@@ -109,17 +103,6 @@ def _model_mesh(array, shards: int):
 def _value(variable):
   """The value of an optional variable (None where the layer has none)."""
   return None if variable is None else variable.get_value()
-
-
-def _concrete_mesh_in_context():
-  """The device mesh set by ``jax.set_mesh`` while tracing (its devices decide the table
-  backend, see :func:`_mesh_backend`); None if this JAX does not say (then pure JAX)."""
-  try:
-    from jax._src import mesh as mesh_lib   # no public accessor inside jit (JAX 0.10)
-    mesh = mesh_lib.get_concrete_mesh()
-  except (ImportError, AttributeError):
-    return None
-  return None if mesh is None or mesh.empty else mesh
 
 
 def _mesh_backend(backend: str | None, mesh) -> str | None:
@@ -175,15 +158,42 @@ def _rebuild_program(family, bucket_capacity: int, insertion: str, backend: str 
   return jax.jit(rebuild_blocks)
 
 
-def _on_blocks(fn, mesh, num_blocked: int, num_shared: int = 0):
+def _on_blocks(fn, mesh, num_blocked: int, num_shared: int = 0, *, once: bool = False):
   """``fn`` over arguments whose leading axis is the block axis (the first ``num_blocked``)
   and shared ones (the next ``num_shared``); on ``mesh``, run per model shard (``shard_map``:
-  each shard's blocks, host callbacks on its own device), outputs blocked."""
+  each shard's blocks, host callbacks on its own device), outputs blocked. ``once``: integer
+  outputs computed by one replica of each model shard (see :func:`_once_over`)."""
   if mesh is None:
     return fn
+  if once:
+    fn = _once_over(fn, tuple(a for a in mesh.axis_names if a != MODEL_AXIS))
   specs = (P(MODEL_AXIS),) * num_blocked + (P(),) * num_shared
   return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(MODEL_AXIS),
                        check_vma=False)
+
+
+def _once_over(fn, axes: tuple[str, ...]):
+  """``fn`` (inside ``shard_map``; integer and bool outputs) computed only on the devices at
+  index 0 along ``axes`` and handed to the others by a sum over ``axes`` (they add zeros):
+  a selection that every data replica would repeat runs once, its host callback included,
+  for a few integers of traffic."""
+  if not axes:
+    return fn
+
+  def once(*args):
+    first = functools.reduce(jnp.logical_and, [jax.lax.axis_index(a) == 0 for a in axes])
+    shapes = jax.eval_shape(fn, *args)
+    out = jax.lax.cond(first, lambda: fn(*args),
+                       lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+    def share(x):
+      if x.dtype == jnp.bool_:
+        return jax.lax.psum(x.astype(jnp.int32), axes) > 0
+      return jax.lax.psum(x, axes)
+
+    return jax.tree.map(share, out)
+
+  return once
 
 
 class SlideDense(nnx.Module):
@@ -426,8 +436,17 @@ class SlideDense(nnx.Module):
     each block's ``num_active / shards`` in block order, global ids; ``num_fixed`` 0)."""
     if self.shards > 1:
       return self._select_blocks(inputs, labels, key)
-    return self._select_in(_value(self.tables), _value(self.hash_params), inputs, labels, key,
-                           self.num_active, self.out_features)
+    mesh = _mesh_of(self.kernel.get_value())
+    if mesh is None:
+      return self._select_in(_value(self.tables), _value(self.hash_params), inputs, labels,
+                             key, self.num_active, self.out_features)
+    # one block on a mesh (data parallel): one device selects for the whole batch
+    backend = _mesh_backend(self.backend, mesh)
+    select = lambda tables, hash_params, inputs, labels, key: self._select_in(  # noqa: E731
+        tables, hash_params, inputs, labels, key, self.num_active, self.out_features, backend)
+    select = _once_over(select, tuple(mesh.axis_names))
+    return jax.shard_map(select, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)(
+        _value(self.tables), _value(self.hash_params), inputs, labels, key)
 
   def _select_blocks(self, inputs, labels, key):
     shards, rows, size = self.shards, self.block_rows, self.num_active // self.shards
@@ -444,7 +463,8 @@ class SlideDense(nnx.Module):
                                jax.random.fold_in(key, index), size, rows, backend)
       return active.ids, active.valid, active.forced_slots, active.forced_dropped
 
-    run = _on_blocks(jax.vmap(block, in_axes=(0, 0, 0, None, None, None)), mesh, 3, 3)
+    run = _on_blocks(jax.vmap(block, in_axes=(0, 0, 0, None, None, None)), mesh, 3, 3,
+                     once=True)
     ids, valid, slots, dropped = run(_value(self.tables), _value(self.hash_params),
                                      jnp.arange(shards, dtype=jnp.int32), inputs,
                                      labels.astype(jnp.int32), key)

@@ -4,10 +4,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from slidejax.nn import _capture
 from slidejax.nn import _functional as F
 from slidejax.nn._init import row_chunked
+from slidejax.nn._mesh import mesh_of
 from slidejax.nn._variables import ActiveIds
 from slidejax.nn._variables import RowDelta
 from slidejax.nn._variables import RowParam
@@ -47,6 +50,18 @@ class SparseInput(nnx.Module):
     """
     if feature_ids.ndim == 1:
       return self._shared(feature_ids, feature_values)
+    mesh = mesh_of(self.kernel.get_value())
+    if mesh is None:
+      return self._bag(feature_ids, feature_values)
+    # On a mesh every device embeds the whole batch (ids and values are small): the row
+    # gradient is then complete on each device, and the backward pass gathers the [B, out]
+    # activation gradients instead of summing [U, out] row gradients over the data axis.
+    whole = NamedSharding(mesh, P())
+    keep = lambda x: jax.lax.with_sharding_constraint(x, whole)  # noqa: E731
+    return keep(self._bag(keep(feature_ids), keep(feature_values)))
+
+  def _bag(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
+    """:meth:`__call__` of ``[B, F]`` ids and values."""
     batch, width = feature_ids.shape
     _capture.record(self, (min(batch * width, self.num_features),))
     if self.kernel_delta is None:

@@ -190,7 +190,9 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
   a resumed run continues exactly).
 
   Every step is :func:`slidejax.train.train_step` (the public ``value_and_grad`` and
-  ``Optimizer`` path) through a :class:`Trainer`. Returns a dictionary with ``p@1``, ``p@3``,
+  ``Optimizer`` path) through a :class:`Trainer`; with ``config.mesh`` ("data=D,model=S") the
+  output layer is built in ``S`` blocks and the trainer lays the run out on that mesh
+  (:mod:`slidejax.distributed`; several processes: every process calls ``fit`` alike). Returns a dictionary with ``p@1``, ``p@3``,
   ``p@5``, ``ndcg@5``, ``psp@5`` (on ``test``), ``train_seconds``, ``samples_per_second``,
   ``steps``, ``planned_steps``, ``rebuilds``, ``rebuild_seconds``, ``history``
   (``{seconds, step, p@1}`` per test evaluation), ``validation`` (rows, seed, best step and

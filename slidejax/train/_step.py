@@ -190,7 +190,9 @@ class Trainer:
   def step(self, batch: TrainBatch) -> StepMetrics:
     """One training step on ``batch`` (fixed shapes); returns its metrics unread (async)."""
     shape = tuple(batch.feature_ids.shape) + (batch.label_ids.shape[1],)
-    if self.mesh is not None:   # every process holds the whole batch: each feeds its part
+    if self.mesh is not None and jax.process_count() > 1:
+      # every process holds the whole batch: each feeds its own devices' part (one process
+      # hands the host arrays to the compiled step, which splits them as it was compiled to)
       from slidejax.distributed import _layout
       batch = _layout.global_arrays(batch, _layout.batch_sharding(self.mesh))
     self._leaves, metrics = self.compile(*shape)(self._leaves, batch)
