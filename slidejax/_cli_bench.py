@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 from slidejax._cli_train import HASH_OPTIONS
+from slidejax._cli_train import PRESETS
 from slidejax._cli_train import add_hash_options
 from slidejax._cli_train import hash_settings
 
@@ -53,7 +54,7 @@ def add_parser(subparsers) -> None:
                  help="num_active of per_sample runs (default: %(default)s)")
   p.add_argument("--probe-every", type=int, default=0, metavar="STEPS",
                  help="selection telemetry of every sparse run every N steps")
-  p.add_argument("--preset", default="mid", help="synthetic preset for --time-to-accuracy")
+  p.add_argument("--preset", default="mid", choices=PRESETS, help="synthetic preset for --time-to-accuracy")
   p.add_argument("--accuracy", action="store_true",
                  help="slidejax (train's defaults and --time-budget) beside napkinXC's PLT "
                       "and Omikuji (when installed: pip install 'slidejax[trees]') on each "

@@ -10,6 +10,8 @@ import warnings
 
 import numpy as np
 
+from slidejax._cli_train import PRESETS
+
 _QUANTILES = (("min", 0.0), ("25%", 0.25), ("50%", 0.5), ("75%", 0.75), ("90%", 0.9),
               ("99%", 0.99), ("max", 1.0))
 
@@ -28,7 +30,7 @@ def add_parser(subparsers) -> None:
 
   synth = sub.add_parser("synth", help="write a synthetic data set in XC text format")
   synth.add_argument("--out", required=True, metavar="PATH")
-  synth.add_argument("--preset", default="default",
+  synth.add_argument("--preset", default="default", choices=PRESETS,
                      help="a name from slidejax.data.SYNTH_PRESETS (default: default)")
   synth.add_argument("--points", type=int, metavar="N", help="training points (overrides)")
   synth.add_argument("--features", type=int, metavar="D")

@@ -7,6 +7,8 @@ import pathlib
 import sys
 
 DEFAULT_PRESET = "default"
+# the names of slidejax.data.SYNTH_PRESETS (not imported here: the CLI starts without NumPy)
+PRESETS = ("default", "mid", "amazon670k")
 
 
 def add_parser(subparsers) -> None:
@@ -17,7 +19,7 @@ def add_parser(subparsers) -> None:
   p.add_argument("--train", help="training file (XC text format, or svmlight with --format)")
   p.add_argument("--test", help="test file (same format); default: a held-out synthetic split")
   p.add_argument("--format", choices=("xc", "svmlight"), default="xc")
-  p.add_argument("--preset", default=DEFAULT_PRESET,
+  p.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
                  help="synthetic preset when no --train is given (default: %(default)s)")
   p.add_argument("--strict", action="store_true", help="treat data warnings as errors")
   p.add_argument("--hidden", type=int, help="embedding width (default: 512)")

@@ -33,17 +33,17 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 5, reason="needs 5 (CPU) de
 NUM_FEATURES, NUM_LABELS, HIDDEN, BATCH, WIDTH = 300, 196, 16, 32, 6
 
 
-def _batch(seed: int) -> train.TrainBatch:
+def _batch(seed: int, labels: int = NUM_LABELS) -> train.TrainBatch:
   rng = np.random.default_rng(seed)
   return train.TrainBatch(rng.integers(0, NUM_FEATURES, (BATCH, WIDTH)).astype(np.int32),
                           rng.random((BATCH, WIDTH)).astype(np.float32),
-                          rng.integers(0, NUM_LABELS, (BATCH, 2)).astype(np.int32),
+                          rng.integers(0, labels, (BATCH, 2)).astype(np.int32),
                           np.arange(BATCH, dtype=np.int32))
 
 
-def _model(shards: int, **options) -> nn.SlideMLP:
+def _model(shards: int, labels: int = NUM_LABELS, **options) -> nn.SlideMLP:
   options = dict(dict(num_active=64, l=4, bucket_capacity=8), **options)
-  return nn.SlideMLP(NUM_FEATURES, NUM_LABELS, hidden=HIDDEN, shards=shards,
+  return nn.SlideMLP(NUM_FEATURES, labels, hidden=HIDDEN, shards=shards,
                      rngs=nnx.Rngs(0), **options)
 
 
@@ -95,25 +95,54 @@ def test_every_neuron_active_step_equals_one_device(data, model):
                nnx.to_pure_dict(nnx.state(laid.model, nnx.Param)))
 
 
+def _selected(trainer, batch, key):
+  """The output layer's active set for ``batch`` (ids [M], valid [M], label slots [B, f])."""
+  def select(leaves, ids, values, labels):
+    model = nnx.merge(trainer.graphdef, jax.tree.unflatten(trainer._treedef, leaves))[0]
+    active = model.output.select(model.hidden(ids, values), labels=labels, key=key)
+    return active.ids, active.valid, active.forced_slots
+  with trainer._on_mesh():
+    out = jax.jit(select)(trainer._leaves, batch.feature_ids, batch.feature_values,
+                          batch.label_ids)
+  return [np.asarray(x) for x in out]
+
+
 def test_blocks_select_alike_on_one_device_and_on_a_mesh():
-  """A layer of 2 blocks draws the same active sets (host kernels per shard) on a mesh as on
-  one device, and both train alike; the blocks are laid out, not replicated."""
-  trainers = [train.Trainer(_model(2), optax.adam(1e-2), mesh=mesh)
+  """A layer of 2 blocks over 197 labels (the last block rounded up to 99 rows) selects the
+  same active sets (host kernels per shard) on a mesh as on one device: every label at its
+  slot, ids unique and in range; both train alike; the blocks are laid out, not replicated."""
+  labels = NUM_LABELS + 1
+  trainers = [train.Trainer(_model(2, labels), optax.adam(1e-2), mesh=mesh)
               for mesh in (None, dist.make_mesh(2, 2))]
+  assert trainers[0].model.output.out_features == 198
   for step in range(4):
-    losses = [float(t.step(_batch(step)).loss) for t in trainers]
+    losses = [float(t.step(_batch(step, labels)).loss) for t in trainers]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     if step == 1:
       for t in trainers:
         t.rebuild(redraw=True)
-  batch = _batch(9)
+  batch = _batch(9, labels)
+  (ids, valid, slots), other = [_selected(t, batch, jax.random.key(5)) for t in trainers]
+  for a, b in zip((ids, valid, slots), other):
+    np.testing.assert_array_equal(a, b)
+  assert (slots >= 0).all()
+  np.testing.assert_array_equal(ids[slots], batch.label_ids)
+  assert len(set(ids[valid].tolist())) == valid.sum() and ids[valid].max() < 198
+  # block order: 32 slots of block 0 (ids 0..98), then 32 of block 1 (ids 99..197)
+  assert (ids[:32][valid[:32]] < 99).all() and (ids[32:][valid[32:]] >= 99).all()
   for exact in (True, False):
-    ids = [np.asarray(t.predict(batch.feature_ids, batch.feature_values, 5, exact=exact))
+    top = [np.asarray(t.predict(batch.feature_ids, batch.feature_values, 5, exact=exact))
            for t in trainers]
-    np.testing.assert_array_equal(ids[0], ids[1])
+    np.testing.assert_array_equal(top[0], top[1])
+    assert top[0].max() <= labels   # the rounded-up neuron is never predicted
   buckets = trainers[1].model.output.tables.get_value().buckets
   assert buckets.sharding.spec == jax.sharding.PartitionSpec("model")
   assert {s.data.shape[0] for s in buckets.addressable_shards} == {1}
+  model = trainers[0].model
+  probe = nn.selection_probe(model.output, model.hidden(batch.feature_ids,
+                                                        batch.feature_values),
+                             batch.label_ids, jax.random.key(1))
+  assert 0.0 <= probe["table_share"] <= 1.0
 
 
 def _problem():
@@ -177,6 +206,10 @@ def test_one_device_model_relayouts_onto_a_mesh_and_back():
   back = dist.relayout(on_mesh.model, 1, rngs=nnx.Rngs(2))
   np.testing.assert_array_equal(back.top_k(batch.feature_ids, batch.feature_values, 5)[1],
                                 expected)
+  for model, mesh in ((back, None), (dist.relayout(trained, 2, rngs=nnx.Rngs(3)),
+                                     dist.make_mesh(2, 2))):   # and both train on
+    assert np.isfinite(float(train.Trainer(model, optax.adam(1e-2), mesh=mesh)
+                             .step(_batch(8)).loss))
   # tables of the new layout hold block-local ids of every neuron
   tables = laid.output.tables.get_value()
   assert tables.buckets.shape[0] == 4 and int(tables.buckets.max()) < NUM_LABELS // 4

@@ -62,6 +62,8 @@ def test_cli_defaults_are_train_config_defaults():
   _cli_train.add_parser(parser.add_subparsers())
   args = parser.parse_args(["train"])
   assert _cli_train.config_from_args(args) == train.TrainConfig()
+  # the CLI's preset names (kept without importing the data module) are the library's
+  assert sorted(_cli_train.PRESETS) == sorted(xcdata.SYNTH_PRESETS)
 
 
 # -- auto -----------------------------------------------------------------------------------

@@ -300,8 +300,12 @@ class TrainingCheckpoints:
   def _prepare_save(self, step: int) -> None:
     """Removes stale temporary directories (once) and checkpoints of steps ``>= step``."""
     if not self._cleaned:
-      for tmp in self._root.glob(f"*{ocp.path.step.TMP_DIR_SUFFIX}*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+      if jax.process_index() == 0:   # one process cleans; the others wait for it
+        for tmp in self._root.glob(f"*{ocp.path.step.TMP_DIR_SUFFIX}*"):
+          shutil.rmtree(tmp, ignore_errors=True)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("slidejax: stale temporary checkpoints removed")
       self._cleaned = True
     for old in self.all_steps():
       if old >= step:

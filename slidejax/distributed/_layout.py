@@ -42,21 +42,29 @@ def _keys(path) -> tuple:
   return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
 
 
-def _contains(path: tuple, run: tuple) -> bool:
-  n = len(run)
-  return any(path[i:i + n] == run for i in range(len(path) - n + 1))
+def _variable_of(keys: tuple, variables: set) -> tuple | None:
+  """The longest variable path of the model that occurs in a leaf's key path (a leaf of the
+  model's state, or of an optimizer-state tree mirroring it), or None."""
+  found = None
+  for start in range(len(keys)):
+    for end in range(start + 1, len(keys) + 1):
+      run = keys[start:end]
+      if run in variables and (found is None or len(run) > len(found)):
+        found = run
+  return found
 
 
 def state_shardings(state: Any, model: nnx.Module, mesh: Mesh) -> Any:
   """The ``NamedSharding`` of every leaf of ``state`` (a pytree holding ``model``'s state,
-  e.g. ``nnx.state((model, optimizer))``): over ``model`` where its path holds a blocked
+  e.g. ``nnx.state((model, optimizer))``): over ``model`` where the leaf belongs to a blocked
   field of a layer (the optimizer's copies included), replicated elsewhere."""
-  runs = blocked_paths(model)
+  blocked = set(blocked_paths(model))
+  variables = {tuple(path) for path, _ in nnx.to_flat_state(nnx.state(model))}
+  variables |= blocked
   split, whole = NamedSharding(mesh, P(MODEL)), NamedSharding(mesh, P())
 
   def sharding(path, leaf):
-    keys = _keys(path)
-    return split if any(_contains(keys, run) for run in runs) else whole
+    return split if _variable_of(_keys(path), variables) in blocked else whole
 
   return jax.tree_util.tree_map_with_path(sharding, state)
 
@@ -120,7 +128,8 @@ def relayout(model: nnx.Module, shards: int, *, rngs: nnx.Rngs) -> nnx.Module:
   back to ``shards=1``). The weights are the same (a rounded-up last block's extra rows start
   at zero and are never a label); the tables hold block-local ids, so each block gets hash
   functions drawn from ``rngs`` and tables rebuilt from its rows (their size follows the new
-  blocks when it was the default for the old ones). Returns a new model."""
+  blocks when it was the default for the old ones). Returns a new model on this process's
+  default device (one process; ``Trainer(model, tx, mesh=...)`` lays it out)."""
   from slidejax.nn import SlideMLP
   if not isinstance(model, SlideMLP):
     raise TypeError(f"relayout: expected a SlideMLP, got {type(model).__name__}")
@@ -134,11 +143,12 @@ def relayout(model: nnx.Module, shards: int, *, rngs: nnx.Rngs) -> nnx.Module:
       options["k"] = None
     options["range_bits"] = None
   new = SlideMLP(spec["num_features"], spec["num_labels"], rngs=rngs, **trunk, **options)
+  where = new.output.bias.get_value().sharding   # the new model's device: copies go there
   kept = nnx.Not(nnx.Any(nnx.PathContains("output")))
-  nnx.update(new, nnx.state(model, kept))
+  nnx.update(new, jax.device_put(nnx.state(model, kept), where))
   labels = spec["num_labels"]
   for name in ("kernel", "bias"):
-    old = getattr(model.output, name)[...][:labels]
+    old = jax.device_put(getattr(model.output, name)[...][:labels], where)
     rows = jax.numpy.zeros_like(getattr(new.output, name)[...]).at[:labels].set(old)
     getattr(new.output, name).set_value(rows)
   new.output.rebuild(rngs.params())

@@ -44,8 +44,9 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 def make_mesh(data: int = 1, model: int = 1, *, devices=None) -> Mesh:
   """A ``data x model`` mesh over ``devices`` (default: the global devices, every process;
-  on CPU the first one is left out when a spare exists: host callbacks stage their arguments
-  there, and a mesh on it runs the LSH tables in pure JAX instead of the host kernels).
+  on CPU with one process the first one is left out when a spare exists: host callbacks stage
+  their arguments there, and a mesh on it runs the LSH tables in pure JAX instead of the host
+  kernels).
 
   ``model`` is the minor (fastest-varying) axis, so a model group sits on neighbouring devices
   (one host, fast links) and the per-step softmax collectives stay local where possible.
@@ -55,7 +56,8 @@ def make_mesh(data: int = 1, model: int = 1, *, devices=None) -> Mesh:
     raise MeshSpecError(f"mesh sizes must be >= 1, got data={data}, model={model}")
   if devices is None:
     devices = jax.devices()
-    if devices[0].platform == "cpu" and len(devices) > data * model:
+    if (devices[0].platform == "cpu" and len(devices) > data * model
+        and jax.process_count() == 1):
       # the first CPU device stages host callbacks' arguments: a mesh program running there
       # would wait on itself, so a mesh leaves it out when a spare device exists
       devices = devices[1:]

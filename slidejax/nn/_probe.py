@@ -82,7 +82,12 @@ def selection_probe(layer, inputs: jax.Array, labels: jax.Array, key: jax.Array)
   if layer.uses_tables:
     tables = layer.tables.get_value()
     codes = layer.hash_codes(inputs)
-    rows = np.asarray(lsh.bucket_rows(tables, codes))
+    if layer.shards == 1:
+      rows = np.asarray(lsh.bucket_rows(tables, codes))
+    else:   # each block's buckets, as global ids: [B, S * l, capacity]
+      local = np.asarray(jax.vmap(lsh.bucket_rows)(tables, codes))
+      first = (np.arange(layer.shards) * layer.block_rows)[:, None, None, None]
+      rows = np.concatenate(list(np.where(local >= 0, local + first, -1)), axis=1)
     if ids.ndim == 1:
       from_table = np.isin(ids, rows[rows >= 0])
     else:
@@ -90,7 +95,7 @@ def selection_probe(layer, inputs: jax.Array, labels: jax.Array, key: jax.Array)
     out["table_share"] = float((from_table & negatives).sum() / max(negatives.sum(), 1))
     counts = np.asarray(tables.counts)
     out["bucket_occupancy"] = float((counts > 0).mean())
-    out["largest_bucket_share"] = float(counts.max() / num)
+    out["largest_bucket_share"] = float(counts.max() / layer.block_rows)
   return out
 
 

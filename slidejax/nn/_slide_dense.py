@@ -87,16 +87,17 @@ def _check_shards(shards, out_features, num_active, mode, sampler, correction) -
                      "and uniform samplers without correction")
 
 
+def _model_size(mesh) -> int:
+  return mesh.shape[MODEL_AXIS] if MODEL_AXIS in mesh.axis_names else 1
+
+
 def _model_mesh(array, shards: int):
-  """The mesh whose ``model`` axis lays out a layer of ``shards`` blocks, or None."""
+  """The multi-device mesh a layer of ``shards`` blocks runs on (blocks over its ``model``
+  axis when it has one larger than 1), or None: one device's view."""
   mesh = _mesh_of(array) if shards > 1 else None
-  if mesh is None or MODEL_AXIS not in mesh.axis_names:
-    return None
-  size = mesh.shape[MODEL_AXIS]
-  if size == 1:
-    return None
-  if shards % size:
-    raise ValueError(f"SlideDense: {shards} blocks do not divide over a model axis of {size}")
+  if mesh is not None and shards % _model_size(mesh):
+    raise ValueError(f"SlideDense: {shards} blocks do not divide over a model axis of "
+                     f"{_model_size(mesh)}")
   return mesh
 
 
@@ -105,16 +106,25 @@ def _value(variable):
   return None if variable is None else variable.get_value()
 
 
+def _staging_devices() -> set:
+  """Each process's first CPU device: where its host callbacks stage their arguments (every
+  process decides alike from this, so all of them compile the same program)."""
+  first = {}
+  for device in jax.devices("cpu"):
+    if device.process_index not in first or device.id < first[device.process_index].id:
+      first[device.process_index] = device
+  return set(first.values())
+
+
 def _mesh_backend(backend: str | None, mesh) -> str | None:
-  """The table backend of a layer on ``mesh``. Host callbacks stage their arguments on the
-  first CPU device, so a mesh program running there would wait on itself (measured: a hung
-  step); on such a mesh the tables work in pure JAX (``slidejax.distributed.make_mesh``
+  """The table backend of a layer on ``mesh``. Host callbacks stage their arguments on a
+  process's first CPU device, so a mesh program running there would wait on itself (measured:
+  a hung step); on such a mesh the tables work in pure JAX (``slidejax.distributed.make_mesh``
   leaves that device out when it can)."""
   if mesh is None or backend == "jax" or lsh.resolve_backend(backend) != "host":
     return backend
   devices = getattr(mesh, "devices", None)
-  staging = jax.local_devices(backend="cpu")[0]
-  if devices is not None and staging not in devices.flat:
+  if devices is not None and not _staging_devices() & set(devices.flat):
     return backend
   if backend == "host":
     raise ValueError("SlideDense: backend='host' on a mesh that holds the first CPU device "
@@ -165,11 +175,12 @@ def _on_blocks(fn, mesh, num_blocked: int, num_shared: int = 0, *, once: bool = 
   outputs computed by one replica of each model shard (see :func:`_once_over`)."""
   if mesh is None:
     return fn
+  split = _model_size(mesh) > 1   # else every device runs every block (data parallel)
   if once:
-    fn = _once_over(fn, tuple(a for a in mesh.axis_names if a != MODEL_AXIS))
-  specs = (P(MODEL_AXIS),) * num_blocked + (P(),) * num_shared
-  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(MODEL_AXIS),
-                       check_vma=False)
+    fn = _once_over(fn, tuple(a for a in mesh.axis_names if a != MODEL_AXIS or not split))
+  blocked = P(MODEL_AXIS) if split else P()
+  specs = (blocked,) * num_blocked + (P(),) * num_shared
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=blocked, check_vma=False)
 
 
 def _once_over(fn, axes: tuple[str, ...]):
@@ -252,7 +263,8 @@ class SlideDense(nnx.Module):
     shards: split the neurons into this many equal blocks of contiguous rows, each with its
       own hash functions and tables, each contributing ``num_active / shards`` active
       neurons (both must divide evenly). The layout of a layer sharded over a mesh's
-      ``model`` axis (:mod:`slidejax.distributed`: block ``s`` lives on model shard ``s``);
+      ``model`` axis of size ``m`` dividing ``shards`` (:mod:`slidejax.distributed`: block
+      ``s`` lives on model shard ``s * m // shards``);
       the same math on one device, so a model trained on a mesh runs anywhere. ``shared``
       and ``dense`` modes, ``lsh`` and ``uniform`` samplers, no ``logq`` correction.
   """
@@ -418,10 +430,11 @@ class SlideDense(nnx.Module):
       old = self.hash_params.get_value()
       if self.shards == 1:
         new = self.family.init(draw_key)
-      else:   # placed as the old ones were (on a mesh: over the model axis)
+      else:
         new = jax.vmap(self.family.init)(jax.random.split(draw_key, self.shards))
-        from slidejax.distributed import place
-        new = place(new, jax.tree.map(lambda o: o.sharding, old))
+        if not isinstance(draw_key, jax.core.Tracer):   # placed as the old ones were
+          from slidejax.distributed import place
+          new = place(new, jax.tree.map(lambda o: o.sharding, old))
       self.hash_params.set_value(new)
     if free_old:
       for array in self.tables.get_value():

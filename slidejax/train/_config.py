@@ -215,6 +215,9 @@ def resolve_config(config: TrainConfig, train: xcdata.XCData) -> tuple[TrainConf
   """``config`` with its ``auto`` fields resolved for ``train`` (the full training file), and
   a dict saying what each ``auto`` became and why (for the log and the results)."""
   notes = {}
+  if config.mesh:   # one spelling, so a checkpoint compares meshes, not strings
+    sizes = mesh_sizes(config)
+    config = dataclasses.replace(config, mesh=f"data={sizes['data']},model={sizes['model']}")
   if config.num_active == "auto":
     picked = None if config.dense else _plan.auto_num_active(train.num_labels)
     if picked is None:
