@@ -154,12 +154,18 @@ def _config(**changes) -> train.TrainConfig:
 
 
 def test_sampled_fit_on_a_mesh_reaches_one_device_fit():
-  trn, tst = _problem()
-  one = train.fit(_config(mesh=None, epochs=6), trn, tst, progress=False, log=lambda m: None)
-  laid = train.fit(_config(mesh="data=2,model=2", epochs=6), trn, tst, progress=False,
-                   log=lambda m: None)
+  """Trained to a plateau and scored on 2,000 test points (one point: 0.0005 of P@1), the
+  mesh run's P@1 is within 0.01 of one-device fit's (measured over seeds 3 to 5: 0.0005 to
+  0.0055 apart; after 5 epochs on 300 test points they were up to 0.02 apart)."""
+  from slidejax import data as xcdata
+  trn, tst = xcdata.synthesize_split(6000, 300, 196, seed=0, avg_nnz=6, avg_labels=1.5,
+                                     test_fraction=1 / 3)
+  config = _config(epochs=10, batch_size=64, mesh=None)
+  one = train.fit(config, trn, tst, progress=False, log=lambda m: None)
+  laid = train.fit(dataclasses.replace(config, mesh="data=2,model=2"), trn, tst,
+                   progress=False, log=lambda m: None)
   assert laid["steps"] == one["steps"]
-  assert one["p@1"] > 2 * np.bincount(trn.label_ids).max() / trn.num_points  # it learned
+  assert one["p@1"] > 3 * np.bincount(trn.label_ids).max() / trn.num_points  # it learned
   assert abs(laid["p@1"] - one["p@1"]) <= 0.01, (laid["p@1"], one["p@1"])
 
 
