@@ -465,7 +465,6 @@ class SlideDense(nnx.Module):
     shards, rows, size = self.shards, self.block_rows, self.num_active // self.shards
     if labels is None:
       labels = jnp.full((inputs.shape[0], 1), -1, jnp.int32)
-
     mesh = self.model_mesh()
     backend = _mesh_backend(self.backend, mesh)
 
@@ -478,10 +477,9 @@ class SlideDense(nnx.Module):
 
     run = _on_blocks(jax.vmap(block, in_axes=(0, 0, 0, None, None, None)), mesh, 3, 3,
                      once=True)
-    ids, valid, slots, dropped = run(_value(self.tables), _value(self.hash_params),
-                                     jnp.arange(shards, dtype=jnp.int32), inputs,
-                                     labels.astype(jnp.int32), key)
     index = jnp.arange(shards, dtype=jnp.int32)
+    ids, valid, slots, dropped = run(_value(self.tables), _value(self.hash_params), index,
+                                     inputs, labels.astype(jnp.int32), key)
     ids = jnp.where(valid, ids + (index * rows)[:, None], self.out_features).reshape(-1)
     slots = jnp.max(jnp.where(slots >= 0, slots + (index * size)[:, None, None], -1), axis=0)
     return lsh.SharedActiveSet(ids.astype(jnp.int32), valid.reshape(-1), slots.astype(jnp.int32),

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from slidejax._memory import release_free_memory
+from slidejax.distributed import _layout
 from slidejax.nn import SlideOutput
 from slidejax.nn import rebuild_tables
 from slidejax.nn import sampled_softmax_loss
@@ -106,7 +107,6 @@ class Trainer:
     self.mesh = mesh
     jit_options = {}
     if mesh is not None:
-      from slidejax.distributed import _layout
       _layout.check_layout(model, mesh)
       self._shardings = jax.tree.leaves(_layout.state_shardings(state, model, mesh))
       self._leaves = _layout.place(self._leaves, self._shardings)
@@ -133,8 +133,7 @@ class Trainer:
     """``leaves`` where the trainer keeps them (on its mesh: laid out as at the start)."""
     if self.mesh is None:
       return leaves
-    from slidejax.distributed import place
-    return place(leaves, self._shardings)
+    return _layout.place(leaves, self._shardings)
 
   @property
   def state(self) -> nnx.State:
@@ -171,8 +170,7 @@ class Trainer:
       i = self._hyperparam_index[name]
       value = jnp.asarray(value, self._leaves[i].dtype)
       if self.mesh is not None:
-        from slidejax.distributed import place
-        value = place(value, self._shardings[i])
+        value = _layout.place(value, self._shardings[i])
       self._leaves[i] = value
 
   def compile(self, batch_size: int, max_features: int, max_labels: int):
@@ -193,7 +191,6 @@ class Trainer:
     if self.mesh is not None and jax.process_count() > 1:
       # every process holds the whole batch: each feeds its own devices' part (one process
       # hands the host arrays to the compiled step, which splits them as it was compiled to)
-      from slidejax.distributed import _layout
       batch = _layout.global_arrays(batch, _layout.batch_sharding(self.mesh))
     self._leaves, metrics = self.compile(*shape)(self._leaves, batch)
     return metrics
@@ -224,8 +221,7 @@ class Trainer:
   def predict(self, feature_ids, feature_values, k: int = 5, *, exact: bool = True
               ) -> jax.Array:
     """Top-``k`` label ids int32 ``[B, k]`` of the current model."""
-    if self.mesh is not None:
-      from slidejax.distributed import _layout
+    if self.mesh is not None and jax.process_count() > 1:   # as in step
       feature_ids, feature_values = _layout.global_arrays(
           (feature_ids, feature_values), NamedSharding(self.mesh, P()))
     with self._on_mesh():
