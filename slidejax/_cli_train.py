@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
   p.add_argument("--hidden", type=int, help="embedding width (default: 512)")
   p.add_argument("--dropout", type=_auto_or(float), metavar="RATE|auto",
                  help="dropout rate on the embedding while training; auto: 0.7 below "
-                      "100,000 training rows, else 0.3 (default: auto)")
+                      "100,000 training rows, else 0.5 (default: auto)")
   p.add_argument("--weight-decay", type=float,
                  help="AdamW's decoupled weight decay; sparse rows decay when touched "
                       "(default: 0)")
@@ -76,6 +76,10 @@ def add_parser(subparsers) -> None:
                       "with --epochs auto, else none (default: auto)")
   p.add_argument("--patience", type=int,
                  help="validations without a new best before stopping (default: 3)")
+  p.add_argument("--calibrate", choices=("auto", "none"),
+                 help="auto (default): after a sampled run, shift each label's output bias by "
+                      "tau * log(1 + its training count), tau chosen on the validation split "
+                      "(0 unless another value scores better); none: leave the biases")
   p.add_argument("--time-budget", type=float, metavar="SECONDS",
                  help="training seconds granted: the step count they buy is measured early "
                       "and the learning-rate schedule spans it")
@@ -170,7 +174,7 @@ CONFIG_FLAGS = ("hidden", "dropout", "weight_decay", "residual", "output_init", 
                 "num_active", "mode", "sampler", "batch_size", "lr", "schedule", "epochs",
                 "validation", "patience", "time_budget", "eval_every", "eval_points", "seed",
                 "max_features", "max_labels", "dense", "builder", "checkpoint_every",
-                "probe_every", "correction", "in_batch_negatives", "mesh")
+                "probe_every", "correction", "in_batch_negatives", "mesh", "calibrate")
 
 
 def _auto_or(kind):

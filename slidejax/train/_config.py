@@ -74,13 +74,16 @@ class TrainConfig:
   loss: str = "softmax"   # or "sigmoid": one-vs-all over the active set
   probe_every: int = 0   # selection telemetry (slidejax.nn.selection_probe) every n steps
   mesh: str | None = None   # "data=D,model=S": the model laid out over D x S devices
+  calibrate: str = "auto"   # "auto": a sampled output layer's biases get tau * log(1 + label
+                            # count), tau chosen on the validation split (see _plan); "none"
 
   # Fields that shape the model, its state and the run's plan: a checkpoint must agree.
   STATE_FIELDS = ("hidden", "dropout", "weight_decay", "residual", "output_init", "hash", "k",
                   "l", "bucket_capacity", "range_bits", "num_active", "policy", "mode",
                   "batch_size", "max_features", "max_labels", "dense", "seed", "lr",
                   "schedule", "validation", "patience", "sampler", "uniform_share",
-                  "correction", "transform", "loss", "in_batch_negatives", "mesh")
+                  "correction", "transform", "loss", "in_batch_negatives", "mesh",
+                  "calibrate")
 
   @property
   def uses_tables(self) -> bool:
@@ -176,7 +179,7 @@ _CHOICES = {"hash": ("simhash", "wta", "dwta", "minhash"),
             "mode": ("shared", "per_sample"), "sampler": ("lsh", "uniform", "unigram"),
             "correction": ("none", "logq"), "transform": ("none", "center", "mips"),
             "loss": ("softmax", "sigmoid"), "schedule": _plan.SCHEDULES,
-            "output_init": ("fan_in", "small")}
+            "output_init": ("fan_in", "small"), "calibrate": ("auto", "none")}
 
 
 def check_options(config: TrainConfig) -> None:

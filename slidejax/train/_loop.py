@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -20,6 +21,7 @@ from slidejax.nn import DenseMLP
 from slidejax.nn import SlideMLP
 from slidejax.checkpoint import CheckpointError
 from slidejax.checkpoint import TrainingCheckpoints
+from slidejax.distributed._layout import host_value
 from slidejax.train import _plan
 from slidejax.train._config import TrainConfig
 from slidejax.train._config import TrainingDiverged
@@ -146,6 +148,15 @@ def _copy_model_state(trainer: Trainer):
   return jax.tree.map(lambda x: x.copy(), trainer.state[0])
 
 
+def _shift_output_bias(trainer: Trainer, label_counts: np.ndarray, tau: float) -> None:
+  """Adds ``tau * log(1 + count)`` to every label's bias of the model's output layer."""
+  model, optimizer = nnx.merge(trainer.graphdef, trainer.state)
+  bias = model.output.bias
+  shift = _plan.prior_shift(label_counts, tau, bias.shape[0])
+  bias.set_value(jnp.asarray(host_value(bias.get_value()) + shift))
+  trainer.state = nnx.state((model, optimizer))
+
+
 def _with_model_state(trainer: Trainer, model_state) -> None:
   state = trainer.state
   state[0] = model_state
@@ -196,7 +207,9 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
   ``p@5``, ``ndcg@5``, ``psp@5`` (on ``test``), ``train_seconds``, ``samples_per_second``,
   ``steps``, ``planned_steps``, ``rebuilds``, ``rebuild_seconds``, ``history``
   (``{seconds, step, p@1}`` per test evaluation), ``validation`` (rows, seed, best step and
-  score, ``{step, seconds, score, p@1}`` per validation), ``probes`` (selection telemetry,
+  score, ``{step, seconds, score, p@1}`` per validation), ``calibration`` (with a sampled
+  output layer and a validation split: the ``tau`` of the bias shift ``--calibrate`` chose
+  and the validation scores before and after; else None), ``probes`` (selection telemetry,
   see :func:`slidejax.nn.selection_probe`), ``auto`` (what each ``auto`` option became),
   ``config`` (resolved), ``truncation``, ``checkpoint`` and ``model`` (the trained model).
   Raises TrainingError (bad input), CheckpointError, TrainingDiverged (NaN/inf loss).
@@ -244,7 +257,7 @@ class _Run:
         "step": 0, "epoch": 0, "batch_index": 0, "train_seconds": 0.0, "rebuilds": 0,
         "rebuild_seconds": 0.0, "history": [], "probes": [], "horizon": horizon,
         "plan_from": None, "early": list(_plan.EarlyStopping()), "validations": [],
-        "best_saved": False}
+        "best_saved": False, "calibration": None}
     self.best = None
     self.last_checkpoint = None
     self.pending: list[tuple[int, jax.Array]] = []
@@ -267,10 +280,13 @@ class _Run:
     if not budget or self.horizon is not None:
       return
     if pos["plan_from"] is None:
-      pos["plan_from"] = [pos["step"], pos["train_seconds"]]
+      pos["plan_from"] = [pos["step"], pos["train_seconds"], pos["rebuild_seconds"]]
       return
-    steps = pos["step"] - pos["plan_from"][0]
-    seconds = pos["train_seconds"] - pos["plan_from"][1]
+    # the steps' own time: the first table rebuilds (their compilation included) fall in
+    # this window and would make a short budget plan a fraction of the steps it buys
+    start_step, start_seconds, start_rebuild = (*pos["plan_from"], pos["rebuild_seconds"])[:3]
+    steps = pos["step"] - start_step
+    seconds = (pos["train_seconds"] - start_seconds) - (pos["rebuild_seconds"] - start_rebuild)
     if steps >= _plan.PLAN_MIN_STEPS and seconds >= _plan.PLAN_SHARE * budget:
       bought = _plan.budget_steps(budget, pos["train_seconds"], pos["step"], seconds / steps)
       pos["horizon"] = min(bought, self.steps_per_epoch * self.config.epochs)
@@ -335,6 +351,32 @@ class _Run:
       _with_model_state(self.trainer, self.best)
       self.log(f"restored the best model: step {early.best_step} (validation mean P@1/3/5 "
                f"{early.best_score:.4f})")
+
+  def calibrate(self) -> None:
+    """At the end, once: shifts a sampled output layer's biases by ``tau * log(1 + label
+    count)`` with the ``tau`` of ``_plan.CALIBRATION_GRID`` that scores best on the held-out
+    rows (see ``--calibrate``); the kept best model gets the same shift."""
+    pos, config = self.position, self.config
+    if (self.held is None or config.dense or config.calibrate == "none"
+        or pos.get("calibration") is not None):
+      return
+    counts = xcdata.label_counts(self.train)
+    scores = {}
+    for tau in sorted({0.0, *_plan.CALIBRATION_GRID}):
+      _shift_output_bias(self.trainer, counts, tau)
+      scores[tau] = _plan.validation_score(self.evaluate(self.held))
+      _shift_output_bias(self.trainer, counts, -tau)
+    best = _plan.best_shift(scores)
+    if best:
+      _shift_output_bias(self.trainer, counts, best)
+      if config.transform != "none":   # the bias is part of the hashed rows
+        self.trainer.rebuild()
+      if self.best is not None:
+        self.best = _copy_model_state(self.trainer)
+    pos["calibration"] = {"tau": best, "before": round(scores[0.0], 6),
+                          "after": round(scores[best], 6)}
+    self.log(f"calibrated the output biases: tau {best:g} x log(1 + label count) (validation "
+             f"mean P@1/3/5 {scores[0.0]:.4f} -> {scores[best]:.4f})")
 
   # -- checkpoints ------------------------------------------------------------------------
   def save(self, reason: str) -> None:
@@ -414,6 +456,7 @@ def _fit(config: TrainConfig, train: xcdata.XCData, held: xcdata.XCData | None,
       bar.close()
   t0 = _now()
   run.keep_best()
+  run.calibrate()
   position["train_seconds"] += _now() - t0
   run.save("end")
   return _results(run, truncation, propensity_source)
@@ -533,6 +576,7 @@ def _results(run: _Run, truncation, propensity_source: xcdata.XCData) -> dict:
                                                                      1e-9),
       steps=position["step"], planned_steps=run.horizon, rebuilds=position["rebuilds"],
       rebuild_seconds=position["rebuild_seconds"], history=position["history"],
+      calibration=position.get("calibration"),
       validation=validation, probes=position["probes"], config=dataclasses.asdict(config),
       truncation=None if truncation is None else dict(truncation._asdict()
                                                       if hasattr(truncation, "_asdict")
