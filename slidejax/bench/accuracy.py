@@ -107,7 +107,7 @@ def run_slidejax(train_path: str, test_path: str, train: xcdata.XCData, test: xc
   predict_seconds = time.perf_counter() - t0
   return {**scored, "train_seconds": result["train_seconds"],
           "predict_seconds": predict_seconds, "steps": result["steps"],
-          "auto": result["auto"]}
+          "auto": result["auto"], "calibration": result["calibration"]}
 
 
 RUNNERS: dict[str, Callable[..., dict]] = {
