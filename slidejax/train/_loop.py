@@ -148,12 +148,15 @@ def _copy_model_state(trainer: Trainer):
   return jax.tree.map(lambda x: x.copy(), trainer.state[0])
 
 
-def _shift_output_bias(trainer: Trainer, label_counts: np.ndarray, tau: float) -> None:
-  """Adds ``tau * log(1 + count)`` to every label's bias of the model's output layer."""
+def _output_bias(trainer: Trainer) -> np.ndarray:
+  """The model's output-layer biases, float32 ``[out_features]`` on this host."""
+  return host_value(nnx.merge(trainer.graphdef, trainer.state)[0].output.bias.get_value())
+
+
+def _set_output_bias(trainer: Trainer, value: np.ndarray) -> None:
+  """Replaces the model's output-layer biases with ``value`` (``[out_features]``)."""
   model, optimizer = nnx.merge(trainer.graphdef, trainer.state)
-  bias = model.output.bias
-  shift = _plan.prior_shift(label_counts, tau, bias.shape[0])
-  bias.set_value(jnp.asarray(host_value(bias.get_value()) + shift))
+  model.output.bias.set_value(jnp.asarray(value, jnp.float32))
   trainer.state = nnx.state((model, optimizer))
 
 
@@ -361,14 +364,14 @@ class _Run:
         or pos.get("calibration") is not None):
       return
     counts = xcdata.label_counts(self.train)
+    bias = _output_bias(self.trainer)
     scores = {}
     for tau in sorted({0.0, *_plan.CALIBRATION_GRID}):
-      _shift_output_bias(self.trainer, counts, tau)
+      _set_output_bias(self.trainer, bias + _plan.prior_shift(counts, tau, len(bias)))
       scores[tau] = _plan.validation_score(self.evaluate(self.held))
-      _shift_output_bias(self.trainer, counts, -tau)
     best = _plan.best_shift(scores)
+    _set_output_bias(self.trainer, bias + _plan.prior_shift(counts, best, len(bias)))
     if best:
-      _shift_output_bias(self.trainer, counts, best)
       if config.transform != "none":   # the bias is part of the hashed rows
         self.trainer.rebuild()
       if self.best is not None:
