@@ -282,15 +282,18 @@ def test_calibration_shifts_the_sampled_biases_once_by_the_best_prior(monkeypatc
                                 np.asarray(plain["model"].output.kernel[...]))
 
 
-def test_calibration_is_not_applied_again_on_resume(tmp_path, monkeypatch):
+def test_calibration_reaches_the_kept_best_model_and_is_not_repeated_on_resume(tmp_path, monkeypatch):
   monkeypatch.setattr(_plan, "CALIBRATION_GRID", (-1.0,))
   monkeypatch.setattr(_plan, "best_shift", lambda scores: -1.0)   # always shift
-  trn, tst = _data(points=600, labels=300)
-  config = _sampled_config(epochs=2)
+  trn, tst = _data(points=700, labels=300)
+  # early stopping past the best step: the resumed run restores the kept best model, which
+  # must be the calibrated one
+  config = _overfitting_config(num_active=64)
   first = train.fit(config, trn, tst, checkpoint_dir=str(tmp_path / "ck"), progress=False,
                     log=lambda m: None)
   plain = train.fit(dataclasses.replace(config, calibrate="none"), trn, tst, progress=False,
                     log=lambda m: None)
+  assert first["validation"]["best_step"] < first["steps"]
   assert first["calibration"]["tau"] == -1.0
   assert not np.allclose(_output_bias(first["model"]), _output_bias(plain["model"]))
   again = train.fit(config, trn, tst, checkpoint_dir=str(tmp_path / "ck"), resume=True,
