@@ -31,10 +31,6 @@ def add_parser(subparsers) -> None:
                       "(default: 0)")
   p.add_argument("--residual", action="store_true", default=None,
                  help="add a residual block h + relu(W h + b) after the embedding")
-  p.add_argument("--shortcut", type=int, metavar="N",
-                 help="a sparse linear path beside the hidden layer: each input feature "
-                      "scores the N labels it co-occurs with most in the training rows, one "
-                      "weight per pair (0: none) (default: 0)")
   p.add_argument("--output-init", choices=("fan_in", "small"),
                  help="output rows drawn with std 1/sqrt(hidden) or 1/sqrt(labels) "
                       "(default: small)")
@@ -174,8 +170,8 @@ def load_data(args):
 
 
 # TrainConfig fields set by flags of the same name (None: not given, TrainConfig's default)
-CONFIG_FLAGS = ("hidden", "dropout", "weight_decay", "residual", "shortcut", "output_init",
-                "loss", "num_active", "mode", "sampler", "batch_size", "lr", "schedule", "epochs",
+CONFIG_FLAGS = ("hidden", "dropout", "weight_decay", "residual", "output_init", "loss",
+                "num_active", "mode", "sampler", "batch_size", "lr", "schedule", "epochs",
                 "validation", "patience", "time_budget", "eval_every", "eval_points", "seed",
                 "max_features", "max_labels", "dense", "builder", "checkpoint_every",
                 "probe_every", "correction", "in_batch_negatives", "mesh", "calibrate")

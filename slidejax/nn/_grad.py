@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slidejax.nn import _capture
-from slidejax.nn._shortcut import LabelShortcut
 from slidejax.nn._slide_dense import SlideDense
 from slidejax.nn._sparse_input import SparseInput
 from slidejax.nn._variables import RowDelta
@@ -25,10 +24,9 @@ from slidejax.optim._row_sparse import sum_duplicate_rows
 
 
 def sparse_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
-  """(path, layer) for every ``SparseInput`` / ``SlideDense`` / ``LabelShortcut`` inside
-  ``model``."""
+  """(path, layer) for every ``SparseInput`` / ``SlideDense`` inside ``model``."""
   return [(path, mod) for path, mod in nnx.iter_modules(model)
-          if isinstance(mod, (SparseInput, SlideDense, LabelShortcut))]
+          if isinstance(mod, (SparseInput, SlideDense))]
 
 
 def _gathered_shapes(fn: Callable, model: nnx.Module, args, kwargs) -> dict:

@@ -37,8 +37,3 @@ class ActiveIds(nnx.Variable):
 class SamplerCDF(nnx.Variable):
   """Cumulative draw probabilities of a frequency-based negative sampler (from the training
   label counts); not trainable."""
-
-
-class LabelLinks(nnx.Variable):
-  """The labels each input feature of a :class:`slidejax.nn.LabelShortcut` links to (int32,
-  -1 for none); fixed when the model is built, not trainable."""

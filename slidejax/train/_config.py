@@ -37,7 +37,6 @@ class TrainConfig:
   dropout: float | str = "auto"   # on the embedding, training calls only
   weight_decay: float = 0.0    # AdamW's decoupled decay (rows: when touched)
   residual: bool = False       # a residual block h + relu(W h + b) after the embedding
-  shortcut: int = 0            # labels per feature of a LabelShortcut (0: none)
   output_init: str = "small"   # or "fan_in" (std 1/sqrt(hidden))
   hash: str = "simhash"
   k: int | None = None
@@ -79,8 +78,7 @@ class TrainConfig:
                             # count), tau chosen on the validation split (see _plan); "none"
 
   # Fields that shape the model, its state and the run's plan: a checkpoint must agree.
-  STATE_FIELDS = ("hidden", "dropout", "weight_decay", "residual", "shortcut", "output_init",
-                  "hash", "k",
+  STATE_FIELDS = ("hidden", "dropout", "weight_decay", "residual", "output_init", "hash", "k",
                   "l", "bucket_capacity", "range_bits", "num_active", "policy", "mode",
                   "batch_size", "max_features", "max_labels", "dense", "seed", "lr",
                   "schedule", "validation", "patience", "sampler", "uniform_share",
@@ -153,10 +151,9 @@ def _check_mesh_options(config: TrainConfig) -> None:
   if config.num_active != "auto" and config.num_active % shards:
     raise TrainingError(f"num_active {config.num_active} (the total active set) must split "
                         f"evenly over the mesh's model axis ({shards})")
-  if (config.mode != "shared" or config.sampler == "unigram" or config.correction != "none"
-      or config.shortcut):
+  if config.mode != "shared" or config.sampler == "unigram" or config.correction != "none":
     raise TrainingError("a mesh with a model axis supports mode shared, samplers lsh and "
-                        "uniform, no correction and no shortcut")
+                        "uniform, and no correction")
 
 
 def _positive(value, name: str, *, integer: bool = False, zero: bool = False) -> None:
@@ -194,7 +191,7 @@ def check_options(config: TrainConfig) -> None:
     if getattr(config, name) is not None:
       _positive(getattr(config, name), name, integer=True)
   for name in ("eval_every", "checkpoint_every", "probe_every", "redraw_every",
-               "rebuild_first", "rebuild_max_interval", "seed", "shortcut"):
+               "rebuild_first", "rebuild_max_interval", "seed"):
     _positive(getattr(config, name), name, integer=True, zero=True)
   _positive(config.eval_points, "eval_points", integer=True)
   if config.lr != "auto":

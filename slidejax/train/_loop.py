@@ -49,12 +49,11 @@ def _as_train_batch(batch) -> TrainBatch:
 
 
 def build_model(config: TrainConfig, num_features: int, num_labels: int,
-                label_counts=None, links=None) -> nnx.Module:
-  """The network of ``config``; ``label_counts`` ``[num_labels]`` feed the unigram sampler,
-  ``links`` ``[num_features, config.shortcut]`` the shortcut."""
+                label_counts=None) -> nnx.Module:
+  """The network of ``config``; ``label_counts`` ``[num_labels]`` feed the unigram sampler."""
   rngs = nnx.Rngs(config.seed)
   trunk = dict(hidden=config.hidden, dropout=config.dropout, residual=config.residual,
-               output_init=config.output_init, shortcut=config.shortcut, links=links)
+               output_init=config.output_init)
   if config.dense:
     return DenseMLP(num_features, num_labels, rngs=rngs, **trunk)
   sampling = dict(sampler=config.sampler, backend=config.builder, policy=config.policy,
@@ -129,9 +128,8 @@ def _build_trainer(config: TrainConfig, train: xcdata.XCData) -> Trainer:
   """The model of ``config`` and AdamW (learning rate and decay injected: the loop sets the
   rate of every step from the run's schedule)."""
   from slidejax import nn
-  links = xcdata.label_links(train, config.shortcut) if config.shortcut else None
   model = build_model(config, train.num_features, train.num_labels,
-                      xcdata.label_counts(train), links)
+                      xcdata.label_counts(train))
   loss = {"softmax": nn.sampled_softmax_loss, "sigmoid": nn.sampled_sigmoid_loss}[config.loss]
   tx = optax.inject_hyperparams(optax.adamw)(learning_rate=config.lr,
                                              weight_decay=config.weight_decay)
