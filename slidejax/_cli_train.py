@@ -24,13 +24,18 @@ def add_parser(subparsers) -> None:
   p.add_argument("--strict", action="store_true", help="treat data warnings as errors")
   p.add_argument("--hidden", type=int, help="embedding width (default: 512)")
   p.add_argument("--dropout", type=_auto_or(float), metavar="RATE|auto",
-                 help="dropout rate on the embedding while training; auto: 0.7 below "
-                      "100,000 training rows, else 0.5 (default: auto)")
+                 help="dropout rate on the embedding while training; auto: 0.7 "
+                      "(default: auto)")
   p.add_argument("--weight-decay", type=float,
                  help="AdamW's decoupled weight decay; sparse rows decay when touched "
                       "(default: 0)")
   p.add_argument("--residual", action="store_true", default=None,
                  help="add a residual block h + relu(W h + b) after the embedding")
+  p.add_argument("--shortcut", type=_auto_or(int), metavar="N|auto",
+                 help="each input feature adds to the scores of the N labels it co-occurs "
+                      "with most in the training rows, in proportion to how often (one "
+                      "learned scale; 0: none); auto: 32 with a sparse output layer, none "
+                      "with the dense softmax or on a mesh's model axis (default: auto)")
   p.add_argument("--output-init", choices=("fan_in", "small"),
                  help="output rows drawn with std 1/sqrt(hidden) or 1/sqrt(labels) "
                       "(default: small)")
@@ -170,8 +175,8 @@ def load_data(args):
 
 
 # TrainConfig fields set by flags of the same name (None: not given, TrainConfig's default)
-CONFIG_FLAGS = ("hidden", "dropout", "weight_decay", "residual", "output_init", "loss",
-                "num_active", "mode", "sampler", "batch_size", "lr", "schedule", "epochs",
+CONFIG_FLAGS = ("hidden", "dropout", "weight_decay", "residual", "shortcut", "output_init",
+                "loss", "num_active", "mode", "sampler", "batch_size", "lr", "schedule", "epochs",
                 "validation", "patience", "time_budget", "eval_every", "eval_points", "seed",
                 "max_features", "max_labels", "dense", "builder", "checkpoint_every",
                 "probe_every", "correction", "in_batch_negatives", "mesh", "calibrate")

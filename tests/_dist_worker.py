@@ -29,10 +29,11 @@ def problem():
 
 def config(epochs: int):
   """A constant-rate run (extending it by an epoch continues it exactly) with pure-JAX tables
-  (each process's first CPU device is in the mesh: host callbacks cannot run there)."""
+  (each process's first CPU device is in the mesh: host callbacks cannot run there) and no
+  shortcut (none on a mesh's model axis, so one-device runs compare alike)."""
   from slidejax.train import TrainConfig
   return TrainConfig(hidden=16, l=4, bucket_capacity=8, num_active=64, batch_size=32,
-                     epochs=epochs, lr=5e-3, schedule="constant", dropout=0.0,
+                     epochs=epochs, lr=5e-3, schedule="constant", dropout=0.0, shortcut=0,
                      rebuild_first=5, seed=3, builder="jax", mesh=MESH, checkpoint_every=20)
 
 

@@ -179,6 +179,26 @@ def test_time_budget_is_planned_as_steps_with_a_fake_clock(monkeypatch):
   assert result["train_seconds"] <= 20.0 + 0.5
 
 
+def test_a_budget_that_buys_every_epoch_trains_alike_whatever_the_clock(monkeypatch):
+  # the plan is made once about 3% of the budget has passed, a wall-clock moment: before it
+  # the rates were constant, so two runs planned at different steps trained differently
+  trn, tst = _data(points=600)
+  config = train.TrainConfig(hidden=16, epochs=6, validation=0.1, patience=1000,
+                             time_budget=20.0, batch_size=32)
+  params, logs = [], []
+  for tick in (0.01, 0.03):   # the plan comes three times sooner in steps on the slow clock
+    clock = itertools.count()
+    monkeypatch.setattr(_loop, "_now", lambda clock=clock, tick=tick: next(clock) * tick)
+    result = train.fit(config, trn, tst, progress=False, log=logs.append)
+    epoch = -(-(trn.num_points - result["validation"]["rows"]) // 32)
+    assert result["planned_steps"] == result["steps"] == 6 * epoch   # every epoch: the cap
+    params.append(jax.tree.leaves(nnx.state(result["model"], nnx.Param)))
+  planned = [line for line in logs if "steps planned" in line]
+  assert len(planned) == 2 and planned[0] != planned[1]   # planned at different steps
+  for a, b in zip(*params):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_a_short_budget_is_not_planned_from_the_first_rebuilds(monkeypatch):
   # the first table rebuild (compiling) falls in the plan's measuring window: counted as step
   # time it made a 60 s budget on pypi-names plan a third of the steps it buys

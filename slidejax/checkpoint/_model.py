@@ -328,10 +328,15 @@ def _constructor(path: pathlib.Path, spec: dict | None):
   cls = spec.get("class")
   sizes = [_int_field(path, spec, n) for n in ("num_features", "num_labels", "hidden")]
   num_features, num_labels, hidden = sizes
+  shortcut = spec.get("shortcut", 0)   # absent from files before the shortcut: none
+  if not isinstance(shortcut, int) or isinstance(shortcut, bool) or shortcut < 0:
+    raise ModelFileError(f"{path}: spec field 'shortcut' must be a non-negative integer, got "
+                         f"{shortcut!r}")
   # trunk options (absent from files of slidejax 0.1: no dropout, no residual block)
   trunk = dict(hidden=hidden, dropout=float(spec.get("dropout", 0.0)),
                residual=bool(spec.get("residual", False)),
-               output_init=str(spec.get("output_init", "small")))
+               output_init=str(spec.get("output_init", "small")),
+               shortcut=shortcut)
   if cls == "DenseMLP":
     return lambda: DenseMLP(num_features, num_labels, rngs=nnx.Rngs(0), **trunk)
   if cls != "SlideMLP":

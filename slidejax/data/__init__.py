@@ -29,3 +29,4 @@ from slidejax.data._batches import iterate_batches
 from slidejax.data._batches import pad_rows
 from slidejax.data._batches import suggest_widths
 from slidejax.data._batches import truncation_report
+from slidejax.data._links import label_links

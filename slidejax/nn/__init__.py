@@ -19,6 +19,7 @@ from slidejax.nn._models import dense_softmax_loss
 from slidejax.nn._models import sampled_sigmoid_loss
 from slidejax.nn._models import sampled_softmax_loss
 from slidejax.nn._probe import selection_probe
+from slidejax.nn._shortcut import LabelShortcut
 from slidejax.nn._slide_dense import SAMPLERS
 from slidejax.nn._slide_dense import SlideDense
 from slidejax.nn._slide_dense import SlideOutput
@@ -27,6 +28,7 @@ from slidejax.nn._sparse_input import SparseInput
 from slidejax.nn._variables import ActiveIds
 from slidejax.nn._variables import HashParams
 from slidejax.nn._variables import HashTables
+from slidejax.nn._variables import LabelLinks
 from slidejax.nn._variables import RowDelta
 from slidejax.nn._variables import RowParam
 from slidejax.nn._variables import SamplerCDF

@@ -149,13 +149,17 @@ def per_sample_label_slots(active_ids: jax.Array, label_ids: jax.Array) -> jax.A
 
 
 def top_k_chunked(inputs: jax.Array, weights: jax.Array, bias: jax.Array, k: int,
-                  chunk_size: int = 65536) -> tuple[jax.Array, jax.Array]:
+                  chunk_size: int = 65536, extra: tuple[jax.Array, jax.Array] | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
   """Exact top-``k`` neurons over all ``N`` neurons with memory bounded by ``chunk_size``.
 
   Args:
     inputs: float32 ``[B, H]``.
     weights: float32 ``[N, H]``.
     bias: float32 ``[N]``.
+    extra: (ids int32 ``[B, E]``, -1 for none; scores float32 ``[B, E]``) added to those
+      neurons' scores (a sample's repeated id: summed), as a
+      :class:`slidejax.nn.LabelShortcut` gives them.
   Returns:
     (scores float32 ``[B, k]``, ids int32 ``[B, k]``), best first.
   """
@@ -165,10 +169,16 @@ def top_k_chunked(inputs: jax.Array, weights: jax.Array, bias: jax.Array, k: int
   num_chunks = -(-num_neurons // chunk_size)
   best_scores = jnp.full((inputs.shape[0], k), -jnp.inf, jnp.float32)
   best_ids = jnp.zeros((inputs.shape[0], k), jnp.int32)
+  rows = jnp.arange(inputs.shape[0])[:, None]
   for c in range(num_chunks):  # static, few chunks; each compiles into one program
     start = c * chunk_size
     stop = min(start + chunk_size, num_neurons)
     scores = inputs @ weights[start:stop].T + bias[start:stop]
+    if extra is not None:
+      ids, values = extra
+      inside = (ids >= start) & (ids < stop)
+      scores = scores.at[rows, jnp.where(inside, ids - start, stop - start)].add(
+          values, mode="drop")
     top_scores, top_pos = jax.lax.top_k(scores, min(k, stop - start))
     merged_scores = jnp.concatenate([best_scores, top_scores], axis=1)
     merged_ids = jnp.concatenate([best_ids, (top_pos + start).astype(jnp.int32)], axis=1)

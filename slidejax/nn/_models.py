@@ -9,6 +9,7 @@ from slidejax.nn._functional import softmax_cross_entropy
 from slidejax.nn._functional import target_distribution
 from slidejax.nn._functional import top_k_chunked
 from slidejax.nn._init import lecun_rows
+from slidejax.nn._shortcut import LabelShortcut
 from slidejax.nn._slide_dense import SlideDense
 from slidejax.nn._slide_dense import SlideOutput
 from slidejax.nn._sparse_input import SparseInput
@@ -28,11 +29,13 @@ def output_initializer(name: str, num_labels: int, hidden: int) -> nnx.Initializ
 
 class _Trunk(nnx.Module):
   """What :class:`SlideMLP` and :class:`DenseMLP` share: the bag-of-features embedding
-  (``[num_features, hidden]``, ReLU), dropout on it in training calls, and an optional
-  residual block ``h + relu(W h + b)``."""
+  (``[num_features, hidden]``, ReLU), dropout on it in training calls, an optional
+  residual block ``h + relu(W h + b)``, and an optional :class:`LabelShortcut` from the input
+  features to the labels they link to (``shortcut`` labels per feature, ``links`` from
+  :func:`slidejax.data.label_links`; a loaded model gets its links from the file)."""
 
   def _init_trunk(self, num_features: int, num_labels: int, hidden: int, dropout: float,
-                  residual: bool, rngs: nnx.Rngs) -> dict:
+                  residual: bool, shortcut: int, links, rngs: nnx.Rngs) -> dict:
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if hidden <= 0 or num_features <= 0 or num_labels <= 0:
@@ -43,8 +46,19 @@ class _Trunk(nnx.Module):
     self.embed = SparseInput(num_features, hidden, rngs=rngs)
     self.block = nnx.Linear(hidden, hidden, rngs=rngs) if residual else nnx.data(None)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else nnx.data(None)
+    if shortcut < 0 or (links is not None and not shortcut):
+      raise ValueError(f"shortcut must be a non-negative number of labels per feature (links "
+                       f"need one), got {shortcut}")
+    self.shortcut = (LabelShortcut(num_features, shortcut, num_labels, links=links)
+                     if shortcut else nnx.data(None))
     return {"num_features": num_features, "num_labels": num_labels, "hidden": hidden,
-            "dropout": float(dropout), "residual": bool(residual)}
+            "dropout": float(dropout), "residual": bool(residual), "shortcut": int(shortcut)}
+
+  def _shortcut_scores(self, feature_ids, feature_values):
+    """The shortcut's (label ids, scores) ``[B, E]`` for ``top_k``, or None without one."""
+    if self.shortcut is None:
+      return None
+    return self.shortcut(feature_ids, feature_values)
 
   def hidden(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
     """``[B, F]`` ids and values -> float32 ``[B, hidden]`` (no dropout: for predictions)."""
@@ -64,18 +78,23 @@ class SlideMLP(_Trunk):
 
   ``dropout``: rate on the embedding in calls (training; not in :meth:`top_k`, nor after
   ``model.eval()``; draws from the ``dropout`` stream of ``rngs``, else its default one);
-  ``residual``: a residual block ``h + relu(W h + b)`` after the embedding; ``output_init``:
-  see :func:`output_initializer`. Every other keyword accepted by :class:`SlideDense` (``hash``,
-  ``k``, ``l``, ``num_active``, ``mode``, ``shards``, ...) configures the output layer. With
+  ``residual``: a residual block ``h + relu(W h + b)`` after the embedding; ``shortcut`` /
+  ``links``: a :class:`LabelShortcut` added to the output logits (one block only);
+  ``output_init``: see :func:`output_initializer`. Every other keyword accepted by
+  :class:`SlideDense` (``hash``, ``k``, ``l``, ``num_active``, ``mode``, ``shards``, ...)
+  configures the output layer. With
   ``shards`` that do not divide ``num_labels`` the output layer is rounded up to whole blocks:
   the extra neurons are never a label and never predicted.
   """
 
   def __init__(self, num_features: int, num_labels: int, *, hidden: int = 128,
                dropout: float = 0.0, residual: bool = False, output_init: str = "small",
-               rngs: nnx.Rngs, **output_options):
-    trunk = self._init_trunk(num_features, num_labels, hidden, dropout, residual, rngs)
+               shortcut: int = 0, links=None, rngs: nnx.Rngs, **output_options):
+    trunk = self._init_trunk(num_features, num_labels, hidden, dropout, residual, shortcut,
+                             links, rngs)
     shards = output_options.get("shards", 1)
+    if shortcut and shards != 1:
+      raise ValueError("SlideMLP: a shortcut needs an output layer of one block (shards=1)")
     outputs = -(-num_labels // shards) * shards if isinstance(shards, int) and shards > 0 \
         else num_labels
     self.output = SlideDense(hidden, outputs, rngs=rngs,
@@ -88,7 +107,12 @@ class SlideMLP(_Trunk):
   def __call__(self, feature_ids: jax.Array, feature_values: jax.Array, *,
                labels: jax.Array | None = None, key: jax.Array | None = None) -> SlideOutput:
     h = self._hidden(feature_ids, feature_values, training=True)
-    return self.output(h, labels=labels, key=key)
+    out = self.output(h, labels=labels, key=key)
+    if self.shortcut is None:
+      return out
+    ids = jnp.where(out.valid, out.ids, self.output.out_features)
+    return out._replace(logits=self.shortcut.add_to(out.logits, ids, feature_ids,
+                                                    feature_values))
 
   def top_k(self, feature_ids: jax.Array, feature_values: jax.Array, k: int, *,
             exact: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -97,7 +121,8 @@ class SlideMLP(_Trunk):
     h = self.hidden(feature_ids, feature_values)
     extra = self.output.out_features - self.num_labels   # neurons of a rounded-up last block
     if not extra:
-      return self.output.top_k(h, k, exact=exact)
+      return self.output.top_k(h, k, exact=exact,
+                               extra=self._shortcut_scores(feature_ids, feature_values))
     scores, ids = self.output.top_k(h, k + extra, exact=exact)
     scores = jnp.where(ids < self.num_labels, scores, -jnp.inf)
     best, pos = jax.lax.top_k(scores, k)
@@ -148,8 +173,9 @@ class DenseMLP(_Trunk):
 
   def __init__(self, num_features: int, num_labels: int, *, hidden: int = 128,
                dropout: float = 0.0, residual: bool = False, output_init: str = "small",
-               rngs: nnx.Rngs):
-    trunk = self._init_trunk(num_features, num_labels, hidden, dropout, residual, rngs)
+               shortcut: int = 0, links=None, rngs: nnx.Rngs):
+    trunk = self._init_trunk(num_features, num_labels, hidden, dropout, residual, shortcut,
+                             links, rngs)
     init = output_initializer(output_init, num_labels, hidden)
     self.kernel = nnx.Param(init(rngs.params(), (num_labels, hidden)))
     self.bias = nnx.Param(jnp.zeros((num_labels,), jnp.float32))
@@ -161,10 +187,14 @@ class DenseMLP(_Trunk):
     :class:`SlideMLP`, and unused: every label is computed)."""
     del labels
     h = self._hidden(feature_ids, feature_values, training=True)
-    return h @ self.kernel[...].T + self.bias[...]
+    logits = h @ self.kernel[...].T + self.bias[...]
+    if self.shortcut is None:
+      return logits
+    return self.shortcut.add_to(logits, None, feature_ids, feature_values)
 
   def top_k(self, feature_ids: jax.Array, feature_values: jax.Array, k: int, *,
             exact: bool = True) -> tuple[jax.Array, jax.Array]:
     del exact  # always exact
     return top_k_chunked(self.hidden(feature_ids, feature_values), self.kernel[...],
-                         self.bias[...], k)
+                         self.bias[...], k,
+                         extra=self._shortcut_scores(feature_ids, feature_values))

@@ -628,20 +628,25 @@ class SlideDense(nnx.Module):
 
   # -- inference ----------------------------------------------------------------------------
   def top_k(self, inputs: jax.Array, k: int, *, exact: bool = True,
-            chunk_size: int = 65536) -> tuple[jax.Array, jax.Array]:
+            chunk_size: int = 65536, extra: tuple[jax.Array, jax.Array] | None = None
+            ) -> tuple[jax.Array, jax.Array]:
     """Top-``k`` neurons per sample: (scores ``[B, k]``, ids ``[B, k]``), best first.
 
     ``exact``: every neuron, chunked to bound memory. Otherwise (LSH tables only) each
     sample's own candidates: the union of the buckets its input hashes to, scored exactly,
     with no random ids, so a sample's result does not depend on its batch. Slots beyond a
-    sample's candidates hold score ``-inf`` and id ``out_features``.
+    sample's candidates hold score ``-inf`` and id ``out_features``. ``extra``: (ids ``[B, E]``,
+    -1 for none; scores ``[B, E]``) added to those neurons' scores (and, through the tables,
+    made candidates), as :class:`slidejax.nn.LabelShortcut` gives them; one block only.
     """
     if self.shards > 1:
+      if extra is not None:
+        raise ValueError("SlideDense.top_k: extra scores need a layer of one block")
       return self._top_k_blocks(inputs, k, exact, chunk_size)
     if exact or not self.uses_tables:
-      return F.top_k_chunked(inputs, self.kernel[...], self.bias[...], k, chunk_size)
+      return F.top_k_chunked(inputs, self.kernel[...], self.bias[...], k, chunk_size, extra)
     candidates = lsh.bucket_rows(self.tables.get_value(), self.hash_codes(inputs))
-    return self._top_k_of(inputs, candidates.reshape(inputs.shape[0], -1), k)
+    return self._top_k_of(inputs, candidates.reshape(inputs.shape[0], -1), k, extra)
 
   def _top_k_blocks(self, inputs, k, exact, chunk_size):
     """:meth:`top_k` block by block (on a mesh: each shard its own), then merged."""
@@ -668,15 +673,24 @@ class SlideDense(nnx.Module):
     found = jnp.moveaxis(found, 0, 1).reshape(inputs.shape[0], -1)
     return self._top_k_of(inputs, found, k)
 
-  def _top_k_of(self, inputs, candidates, k):
-    """Top-``k`` of each sample's candidate ids ``[B, c]`` (-1: none), scored exactly."""
-    ids = jnp.sort(candidates, axis=1)
-    ids = jnp.where(ids < 0, self.out_features, ids)   # empty slots sort first: move them
+  def _top_k_of(self, inputs, candidates, k, extra=None):
+    """Top-``k`` of each sample's candidate ids ``[B, c]`` (-1: none), scored exactly, with
+    ``extra`` (see :meth:`top_k`) among the candidates and added to their scores."""
+    if extra is not None:
+      candidates = jnp.concatenate([candidates, extra[0]], axis=1)
+    # empty slots (-1) become out_features and sort last
+    ids = jnp.sort(jnp.where(candidates < 0, self.out_features, candidates), axis=1)
     repeated = jnp.concatenate([jnp.zeros_like(ids[:, :1], bool), ids[:, 1:] == ids[:, :-1]],
                                axis=1)
     valid = (ids < self.out_features) & ~repeated
     logits = F.per_sample_logits(inputs, F.gather_rows(self.kernel[...], ids),
                                  F.gather_rows(self.bias[...], ids), valid)
+    if extra is not None:   # each extra id's first (kept) slot
+      extra_ids, values = extra
+      slots = jax.vmap(jnp.searchsorted)(ids, jnp.where(extra_ids >= 0, extra_ids,
+                                                        self.out_features))
+      slots = jnp.where(extra_ids >= 0, slots, ids.shape[1])
+      logits = logits.at[jnp.arange(ids.shape[0])[:, None], slots].add(values, mode="drop")
     logits = jnp.where(valid, logits, -jnp.inf)
     if logits.shape[1] < k:
       pad = k - logits.shape[1]

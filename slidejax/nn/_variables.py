@@ -37,3 +37,8 @@ class ActiveIds(nnx.Variable):
 class SamplerCDF(nnx.Variable):
   """Cumulative draw probabilities of a frequency-based negative sampler (from the training
   label counts); not trainable."""
+
+
+class LabelLinks(nnx.Variable):
+  """The labels each input feature of a :class:`slidejax.nn.LabelShortcut` links to (int32,
+  -1 for none) and their prior weights; fixed when the model is built, not trainable."""

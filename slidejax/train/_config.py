@@ -13,7 +13,7 @@ from slidejax.train._schedule import RehashSchedule
 # The SLIDE paper's network with slidejax 0.1's training settings (before the defaults were
 # tuned for accuracy): what the README's selection and Amazon-670K results were measured with.
 CLASSIC = {"hidden": 128, "dropout": 0.0, "lr": 1e-3, "schedule": "constant",
-           "output_init": "small"}
+           "output_init": "small", "shortcut": 0}
 
 
 class TrainingError(ValueError):
@@ -29,7 +29,8 @@ class TrainConfig:
   """Configuration of a training run (the ``slidejax train`` flags).
 
   ``"auto"`` fields are resolved from the data by :func:`resolve_config` (see
-  ``slidejax.train._plan``): ``num_active`` (dense below a label count), ``epochs`` (an upper
+  ``slidejax.train._plan``): ``num_active`` (dense below a label count), ``shortcut``
+  (with a sparse output layer of one block), ``epochs`` (an upper
   bound, with early stopping on a validation split), ``validation`` (the share of training
   rows held out; 0 without ``epochs="auto"``).
   """
@@ -37,6 +38,7 @@ class TrainConfig:
   dropout: float | str = "auto"   # on the embedding, training calls only
   weight_decay: float = 0.0    # AdamW's decoupled decay (rows: when touched)
   residual: bool = False       # a residual block h + relu(W h + b) after the embedding
+  shortcut: int | str = "auto"   # labels per feature of a LabelShortcut (0: none)
   output_init: str = "small"   # or "fan_in" (std 1/sqrt(hidden))
   hash: str = "simhash"
   k: int | None = None
@@ -78,7 +80,8 @@ class TrainConfig:
                             # count), tau chosen on the validation split (see _plan); "none"
 
   # Fields that shape the model, its state and the run's plan: a checkpoint must agree.
-  STATE_FIELDS = ("hidden", "dropout", "weight_decay", "residual", "output_init", "hash", "k",
+  STATE_FIELDS = ("hidden", "dropout", "weight_decay", "residual", "shortcut", "output_init",
+                  "hash", "k",
                   "l", "bucket_capacity", "range_bits", "num_active", "policy", "mode",
                   "batch_size", "max_features", "max_labels", "dense", "seed", "lr",
                   "schedule", "validation", "patience", "sampler", "uniform_share",
@@ -151,9 +154,10 @@ def _check_mesh_options(config: TrainConfig) -> None:
   if config.num_active != "auto" and config.num_active % shards:
     raise TrainingError(f"num_active {config.num_active} (the total active set) must split "
                         f"evenly over the mesh's model axis ({shards})")
-  if config.mode != "shared" or config.sampler == "unigram" or config.correction != "none":
+  if (config.mode != "shared" or config.sampler == "unigram" or config.correction != "none"
+      or config.shortcut not in (0, "auto")):
     raise TrainingError("a mesh with a model axis supports mode shared, samplers lsh and "
-                        "uniform, and no correction")
+                        "uniform, no correction and no shortcut")
 
 
 def _positive(value, name: str, *, integer: bool = False, zero: bool = False) -> None:
@@ -207,6 +211,8 @@ def check_options(config: TrainConfig) -> None:
   for name, value in (("num_active", config.num_active), ("epochs", config.epochs)):
     if value != "auto":
       _positive(value, name, integer=True)
+  if config.shortcut != "auto":
+    _positive(config.shortcut, "shortcut", integer=True, zero=True)
   if config.validation != "auto":
     _share(config.validation, "validation", high=0.5)
   for name, choices in _CHOICES.items():
@@ -232,16 +238,21 @@ def resolve_config(config: TrainConfig, train: xcdata.XCData) -> tuple[TrainConf
       picked = max(shards, picked - picked % shards)   # splits over the model axis
       config = dataclasses.replace(config, num_active=picked)
       notes["num_active"] = f"{picked} of {train.num_labels} labels"
+  if config.shortcut == "auto":
+    if config.dense or mesh_sizes(config)["model"] > 1:
+      config = dataclasses.replace(config, shortcut=0)
+      notes["shortcut"] = ("0 (a dense output layer)" if config.dense else
+                           "0 (an output layer in blocks over the mesh's model axis)")
+    else:
+      config = dataclasses.replace(config, shortcut=_plan.AUTO_SHORTCUT)
+      notes["shortcut"] = f"{_plan.AUTO_SHORTCUT} labels per feature"
   if config.lr == "auto":
     lr = _plan.AUTO_LR_DENSE if config.dense else _plan.AUTO_LR_SPARSE
     config = dataclasses.replace(config, lr=lr)
     notes["lr"] = f"{lr:g} ({'dense' if config.dense else 'sparse'} output layer)"
   if config.dropout == "auto":
-    small = train.num_points < _plan.AUTO_DROPOUT_ROWS
-    dropout = _plan.AUTO_DROPOUT_SMALL if small else _plan.AUTO_DROPOUT_LARGE
-    config = dataclasses.replace(config, dropout=dropout)
-    notes["dropout"] = (f"{dropout:g} ({train.num_points} training rows "
-                        f"{'<' if small else '>='} {_plan.AUTO_DROPOUT_ROWS})")
+    config = dataclasses.replace(config, dropout=_plan.AUTO_DROPOUT)
+    notes["dropout"] = f"{_plan.AUTO_DROPOUT:g}"
   if config.validation == "auto":
     rows = 0
     if config.epochs == "auto":

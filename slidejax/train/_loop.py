@@ -49,11 +49,12 @@ def _as_train_batch(batch) -> TrainBatch:
 
 
 def build_model(config: TrainConfig, num_features: int, num_labels: int,
-                label_counts=None) -> nnx.Module:
-  """The network of ``config``; ``label_counts`` ``[num_labels]`` feed the unigram sampler."""
+                label_counts=None, links=None) -> nnx.Module:
+  """The network of ``config``; ``label_counts`` ``[num_labels]`` feed the unigram sampler,
+  ``links`` ``[num_features, config.shortcut]`` the shortcut."""
   rngs = nnx.Rngs(config.seed)
   trunk = dict(hidden=config.hidden, dropout=config.dropout, residual=config.residual,
-               output_init=config.output_init)
+               output_init=config.output_init, shortcut=config.shortcut, links=links)
   if config.dense:
     return DenseMLP(num_features, num_labels, rngs=rngs, **trunk)
   sampling = dict(sampler=config.sampler, backend=config.builder, policy=config.policy,
@@ -128,8 +129,9 @@ def _build_trainer(config: TrainConfig, train: xcdata.XCData) -> Trainer:
   """The model of ``config`` and AdamW (learning rate and decay injected: the loop sets the
   rate of every step from the run's schedule)."""
   from slidejax import nn
+  links = xcdata.label_links(train, config.shortcut) if config.shortcut else None
   model = build_model(config, train.num_features, train.num_labels,
-                      xcdata.label_counts(train))
+                      xcdata.label_counts(train), links)
   loss = {"softmax": nn.sampled_softmax_loss, "sigmoid": nn.sampled_sigmoid_loss}[config.loss]
   tx = optax.inject_hyperparams(optax.adamw)(learning_rate=config.lr,
                                              weight_decay=config.weight_decay)
@@ -297,9 +299,12 @@ class _Run:
                f"{pos['horizon']} steps planned")
 
   def set_learning_rate(self) -> None:
-    """Puts this step's rate into the optimizer state (only when it changed)."""
+    """Puts this step's rate into the optimizer state (only when it changed). Until a time
+    budget is planned the schedule runs over the epochs' steps (the most a plan can give), so
+    a budget that buys them all gives the same rates whenever the plan is made."""
     c = self.config
-    rate = _plan.learning_rate(self.position["step"], base=c.lr, horizon=self.horizon,
+    horizon = self.horizon or self.steps_per_epoch * c.epochs
+    rate = _plan.learning_rate(self.position["step"], base=c.lr, horizon=horizon,
                                schedule=c.schedule)
     if rate != self.last_rate:
       self.trainer.set_hyperparams(learning_rate=rate)
