@@ -110,7 +110,9 @@ class SlideMLP(_Trunk):
     out = self.output(h, labels=labels, key=key)
     if self.shortcut is None:
       return out
-    ids = jnp.where(out.valid, out.ids, self.output.out_features)
+    # every neuron active (column j is label j): no lookup of the columns
+    ids = (None if self.output.mode == "dense" else
+           jnp.where(out.valid, out.ids, self.output.out_features))
     return out._replace(logits=self.shortcut.add_to(out.logits, ids, feature_ids,
                                                     feature_values))
 
