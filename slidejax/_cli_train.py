@@ -82,9 +82,11 @@ def add_parser(subparsers) -> None:
   p.add_argument("--patience", type=int,
                  help="validations without a new best before stopping (default: 3)")
   p.add_argument("--calibrate", choices=("auto", "none"),
-                 help="auto (default): after a sampled run, shift each label's output bias by "
-                      "tau * log(1 + its training count), tau chosen on the validation split "
-                      "(0 unless another value scores better); none: leave the biases")
+                 help="auto (default): at the end, on the validation split, multiply a label "
+                      "shortcut's scale by the best factor of 0.8-2 (1 unless another scores "
+                      "better), then shift a sampled output layer's biases by tau * log(1 + "
+                      "training count), tau the best of -0.5 to 0.2 (0 likewise); none: leave "
+                      "both")
   p.add_argument("--time-budget", type=float, metavar="SECONDS",
                  help="training seconds granted: the step count they buy is measured early "
                       "and the learning-rate schedule spans it")

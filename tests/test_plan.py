@@ -272,10 +272,14 @@ def _output_bias(model):
   return np.asarray(model.output.bias[...])
 
 
+def _log_scale(model):
+  return float(np.asarray(model.shortcut.log_scale[...]))
+
+
 def test_calibration_shifts_the_sampled_biases_once_by_the_best_prior(monkeypatch):
   monkeypatch.setattr(_plan, "CALIBRATION_GRID", (-0.3, 0.3))   # a shift is always tried
   trn, tst = _data(points=900, labels=300)
-  config = _sampled_config()
+  config = _sampled_config(shortcut=0)
   plain = train.fit(dataclasses.replace(config, calibrate="none"), trn, tst, progress=False,
                     log=lambda m: None)
   assert plain["calibration"] is None
@@ -302,9 +306,55 @@ def test_calibration_shifts_the_sampled_biases_once_by_the_best_prior(monkeypatc
                                 np.asarray(plain["model"].output.kernel[...]))
 
 
+def test_calibration_scales_the_shortcut_by_the_best_factor_then_shifts(monkeypatch):
+  monkeypatch.setattr(_plan, "SHORTCUT_GRID", (0.5, 3.0))
+  monkeypatch.setattr(_plan, "CALIBRATION_GRID", (-0.3, 0.3))
+  trn, tst = _data(points=900, labels=300)
+  config = _sampled_config(shortcut=8)
+  plain = train.fit(dataclasses.replace(config, calibrate="none"), trn, tst, progress=False,
+                    log=lambda m: None)
+  held_rows = _plan.validation_rows(trn.num_points, config.validation)
+  part, held = _plan.split_validation(trn, held_rows, config.seed)
+  counts = xcdata.label_counts(part)
+  model, base = plain["model"], _log_scale(plain["model"])
+  base_bias = _output_bias(model)
+
+  def score():
+    return _plan.validation_score(train.evaluate_model(
+        lambda ids, values: model.top_k(ids, values, 5)[1], held, batch_size=32,
+        max_features=plain["config"]["max_features"]))
+
+  factors = {}
+  for factor in (0.5, 1.0, 3.0):   # each factor, the biases as trained
+    model.shortcut.log_scale.set_value(
+        jnp.asarray(base + np.log(factor) / nn.LabelShortcut.SCALE_GAIN, jnp.float32))
+    factors[factor] = score()
+  assert len(set(factors.values())) > 1          # the factors change the ranking
+  factor = _plan.best_factor(factors)
+  assert factor != 1.0   # the data must move it, or a factor not applied goes unseen
+  model.shortcut.log_scale.set_value(
+      jnp.asarray(base + np.log(factor) / nn.LabelShortcut.SCALE_GAIN, jnp.float32))
+  shifts = {}
+  for tau in (-0.3, 0.0, 0.3):     # then each shift, with that factor
+    model.output.bias.set_value(jnp.asarray(base_bias + _plan.prior_shift(counts, tau, 300)))
+    shifts[tau] = score()
+  tau = _plan.best_shift(shifts)
+  result = train.fit(config, trn, tst, progress=False, log=lambda m: None)
+  assert result["calibration"]["shortcut_factor"] == factor
+  assert result["calibration"]["tau"] == tau
+  assert result["calibration"]["before"] == pytest.approx(factors[1.0], abs=1e-6)
+  assert result["calibration"]["after"] == pytest.approx(shifts[tau], abs=1e-6)
+  assert _log_scale(result["model"]) == pytest.approx(
+      base + np.log(factor) / nn.LabelShortcut.SCALE_GAIN, abs=1e-6)
+  np.testing.assert_array_equal(_output_bias(result["model"]),
+                                base_bias + _plan.prior_shift(counts, tau, 300))
+
+
 def test_calibration_reaches_the_kept_best_model_and_is_not_repeated_on_resume(tmp_path, monkeypatch):
   monkeypatch.setattr(_plan, "CALIBRATION_GRID", (-1.0,))
   monkeypatch.setattr(_plan, "best_shift", lambda scores: -1.0)   # always shift
+  monkeypatch.setattr(_plan, "SHORTCUT_GRID", (2.0,))
+  monkeypatch.setattr(_plan, "best_factor", lambda scores: 2.0)   # always scale
   trn, tst = _data(points=700, labels=300)
   # early stopping past the best step: the resumed run restores the kept best model, which
   # must be the calibrated one
@@ -315,11 +365,15 @@ def test_calibration_reaches_the_kept_best_model_and_is_not_repeated_on_resume(t
                     log=lambda m: None)
   assert first["validation"]["best_step"] < first["steps"]
   assert first["calibration"]["tau"] == -1.0
+  assert first["calibration"]["shortcut_factor"] == 2.0
   assert not np.allclose(_output_bias(first["model"]), _output_bias(plain["model"]))
+  assert _log_scale(first["model"]) == pytest.approx(
+      _log_scale(plain["model"]) + np.log(2.0) / nn.LabelShortcut.SCALE_GAIN, abs=1e-6)
   again = train.fit(config, trn, tst, checkpoint_dir=str(tmp_path / "ck"), resume=True,
                     progress=False, log=lambda m: None)
   assert again["calibration"] == first["calibration"]
   np.testing.assert_array_equal(_output_bias(again["model"]), _output_bias(first["model"]))
+  assert _log_scale(again["model"]) == _log_scale(first["model"])
 
 
 # -- model options ---------------------------------------------------------------------------

@@ -76,8 +76,9 @@ class TrainConfig:
   loss: str = "softmax"   # or "sigmoid": one-vs-all over the active set
   probe_every: int = 0   # selection telemetry (slidejax.nn.selection_probe) every n steps
   mesh: str | None = None   # "data=D,model=S": the model laid out over D x S devices
-  calibrate: str = "auto"   # "auto": a sampled output layer's biases get tau * log(1 + label
-                            # count), tau chosen on the validation split (see _plan); "none"
+  calibrate: str = "auto"   # "auto": the shortcut's scale times a factor, then a sampled
+                            # output layer's biases + tau * log(1 + label count), both chosen
+                            # on the validation split (see _plan); "none": neither
 
   # Fields that shape the model, its state and the run's plan: a checkpoint must agree.
   STATE_FIELDS = ("hidden", "dropout", "weight_decay", "residual", "shortcut", "output_init",

@@ -150,15 +150,16 @@ def _copy_model_state(trainer: Trainer):
   return jax.tree.map(lambda x: x.copy(), trainer.state[0])
 
 
-def _output_bias(trainer: Trainer) -> np.ndarray:
-  """The model's output-layer biases, float32 ``[out_features]`` on this host."""
-  return host_value(nnx.merge(trainer.graphdef, trainer.state)[0].output.bias.get_value())
+def _model_value(trainer: Trainer, layer: str, name: str) -> np.ndarray:
+  """The value of the model's variable ``layer.name`` (e.g. ``output.bias``) on this host."""
+  model = nnx.merge(trainer.graphdef, trainer.state)[0]
+  return host_value(getattr(getattr(model, layer), name).get_value())
 
 
-def _set_output_bias(trainer: Trainer, value: np.ndarray) -> None:
-  """Replaces the model's output-layer biases with ``value`` (``[out_features]``)."""
+def _set_model_value(trainer: Trainer, layer: str, name: str, value: np.ndarray) -> None:
+  """Replaces the value of the model's variable ``layer.name`` (same shape, float32)."""
   model, optimizer = nnx.merge(trainer.graphdef, trainer.state)
-  model.output.bias.set_value(jnp.asarray(value, jnp.float32))
+  getattr(getattr(model, layer), name).set_value(jnp.asarray(value, jnp.float32))
   trainer.state = nnx.state((model, optimizer))
 
 
@@ -361,30 +362,58 @@ class _Run:
                f"{early.best_score:.4f})")
 
   def calibrate(self) -> None:
-    """At the end, once: shifts a sampled output layer's biases by ``tau * log(1 + label
-    count)`` with the ``tau`` of ``_plan.CALIBRATION_GRID`` that scores best on the held-out
-    rows (see ``--calibrate``); the kept best model gets the same shift."""
+    """At the end, once, on the held-out rows (see ``--calibrate``): multiplies a label
+    shortcut's scale by the best factor of ``_plan.SHORTCUT_GRID``, then shifts a sampled
+    output layer's biases by ``tau * log(1 + label count)`` with the best ``tau`` of
+    ``_plan.CALIBRATION_GRID``; the kept best model gets the same changes."""
     pos, config = self.position, self.config
-    if (self.held is None or config.dense or config.calibrate == "none"
-        or pos.get("calibration") is not None):
+    if (self.held is None or config.calibrate == "none" or pos.get("calibration") is not None
+        or (config.dense and not config.shortcut)):
       return
+    before = self.score_held()
+    factor, after = (self.calibrate_shortcut(before) if config.shortcut else (1.0, before))
+    tau, after = (0.0, after) if config.dense else self.calibrate_bias(after)
+    if tau and config.transform != "none":   # the bias is part of the hashed rows
+      self.trainer.rebuild()
+    if (tau or factor != 1.0) and self.best is not None:
+      self.best = _copy_model_state(self.trainer)
+    pos["calibration"] = {"tau": tau, "shortcut_factor": factor, "before": round(before, 6),
+                          "after": round(after, 6)}
+    self.log(f"calibrated: shortcut scale x{factor:g}, output biases + {tau:g} x log(1 + "
+             f"label count) (validation mean P@1/3/5 {before:.4f} -> {after:.4f})")
+
+  def score_held(self) -> float:
+    return _plan.validation_score(self.evaluate(self.held))
+
+  def calibrate_shortcut(self, score_now: float) -> tuple[float, float]:
+    """Multiplies the shortcut's scale by the best factor; returns (factor, its score)."""
+    from slidejax.nn import LabelShortcut
+    log_scale = _model_value(self.trainer, "shortcut", "log_scale")
+    scores = {1.0: score_now}
+    for factor in _plan.SHORTCUT_GRID:
+      if factor != 1.0:
+        _set_model_value(self.trainer, "shortcut", "log_scale",
+                         log_scale + math.log(factor) / LabelShortcut.SCALE_GAIN)
+        scores[factor] = self.score_held()
+    best = _plan.best_factor(scores)
+    _set_model_value(self.trainer, "shortcut", "log_scale",
+                     log_scale + math.log(best) / LabelShortcut.SCALE_GAIN)
+    return best, scores[best]
+
+  def calibrate_bias(self, score_now: float) -> tuple[float, float]:
+    """Shifts the output biases by the best prior shift; returns (tau, its score)."""
     counts = xcdata.label_counts(self.train)
-    bias = _output_bias(self.trainer)
-    scores = {}
-    for tau in sorted({0.0, *_plan.CALIBRATION_GRID}):
-      _set_output_bias(self.trainer, bias + _plan.prior_shift(counts, tau, len(bias)))
-      scores[tau] = _plan.validation_score(self.evaluate(self.held))
+    bias = _model_value(self.trainer, "output", "bias")
+    scores = {0.0: score_now}
+    for tau in _plan.CALIBRATION_GRID:
+      if tau != 0.0:
+        _set_model_value(self.trainer, "output", "bias",
+                         bias + _plan.prior_shift(counts, tau, len(bias)))
+        scores[tau] = self.score_held()
     best = _plan.best_shift(scores)
-    _set_output_bias(self.trainer, bias + _plan.prior_shift(counts, best, len(bias)))
-    if best:
-      if config.transform != "none":   # the bias is part of the hashed rows
-        self.trainer.rebuild()
-      if self.best is not None:
-        self.best = _copy_model_state(self.trainer)
-    pos["calibration"] = {"tau": best, "before": round(scores[0.0], 6),
-                          "after": round(scores[best], 6)}
-    self.log(f"calibrated the output biases: tau {best:g} x log(1 + label count) (validation "
-             f"mean P@1/3/5 {scores[0.0]:.4f} -> {scores[best]:.4f})")
+    _set_model_value(self.trainer, "output", "bias",
+                     bias + _plan.prior_shift(counts, best, len(bias)))
+    return best, scores[best]
 
   # -- checkpoints ------------------------------------------------------------------------
   def save(self, reason: str) -> None:
