@@ -350,6 +350,24 @@ def test_calibration_scales_the_shortcut_by_the_best_factor_then_shifts(monkeypa
                                 base_bias + _plan.prior_shift(counts, tau, 300))
 
 
+def test_a_bias_shift_rebuilds_tables_that_hash_the_biases(monkeypatch):
+  """With ``--transform mips`` the tables hash each neuron's bias: after the calibration's
+  shift every bucket must count the neurons the final weights hash to (without the rebuild
+  they count those of the last scheduled one)."""
+  monkeypatch.setattr(_plan, "CALIBRATION_GRID", (-1.0,))
+  monkeypatch.setattr(_plan, "best_shift", lambda scores: -1.0)   # always shift
+  trn, tst = _data(points=900, labels=300)
+  result = train.fit(_sampled_config(transform="mips", shortcut=0), trn, tst, progress=False,
+                     log=lambda m: None)
+  assert result["calibration"]["tau"] == -1.0
+  out = result["model"].output
+  codes = np.asarray(out.family.codes(out.hash_params.get_value(), out._hashed_rows()))
+  counts = np.asarray(out.tables.get_value().counts)
+  for table in range(codes.shape[1]):
+    np.testing.assert_array_equal(np.bincount(codes[:, table], minlength=counts.shape[1]),
+                                  counts[table])
+
+
 def test_calibration_reaches_the_kept_best_model_and_is_not_repeated_on_resume(tmp_path, monkeypatch):
   monkeypatch.setattr(_plan, "CALIBRATION_GRID", (-1.0,))
   monkeypatch.setattr(_plan, "best_shift", lambda scores: -1.0)   # always shift

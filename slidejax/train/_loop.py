@@ -379,8 +379,8 @@ class _Run:
       self.best = _copy_model_state(self.trainer)
     pos["calibration"] = {"tau": tau, "shortcut_factor": factor, "before": round(before, 6),
                           "after": round(after, 6)}
-    self.log(f"calibrated: shortcut scale x{factor:g}, output biases + {tau:g} x log(1 + "
-             f"label count) (validation mean P@1/3/5 {before:.4f} -> {after:.4f})")
+    self.log(f"calibrated: shortcut scale x{factor:g}, output biases shifted by {tau:g} x "
+             f"log(1 + label count) (validation mean P@1/3/5 {before:.4f} -> {after:.4f})")
 
   def score_held(self) -> float:
     return _plan.validation_score(self.evaluate(self.held))
