@@ -348,6 +348,13 @@ def test_calibration_scales_the_shortcut_by_the_best_factor_then_shifts(monkeypa
       base + np.log(factor) / nn.LabelShortcut.SCALE_GAIN, abs=1e-6)
   np.testing.assert_array_equal(_output_bias(result["model"]),
                                 base_bias + _plan.prior_shift(counts, tau, 300))
+  # the public function does the same to the model as trained
+  model.shortcut.log_scale.set_value(jnp.asarray(base, jnp.float32))
+  model.output.bias.set_value(jnp.asarray(base_bias))
+  assert train.calibrate(model, held, counts, batch_size=32,
+                         max_features=plain["config"]["max_features"]) == result["calibration"]
+  assert _log_scale(model) == _log_scale(result["model"])
+  np.testing.assert_array_equal(_output_bias(model), _output_bias(result["model"]))
 
 
 def test_a_bias_shift_rebuilds_tables_that_hash_the_biases(monkeypatch):

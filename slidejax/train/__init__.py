@@ -1,5 +1,6 @@
 """Training: the compiled public-path step, rehash schedules and the training loop."""
 
+from slidejax.train._calibrate import calibrate
 from slidejax.train._config import CLASSIC
 from slidejax.train._config import TrainConfig
 from slidejax.train._config import TrainingDiverged

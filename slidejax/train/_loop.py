@@ -21,8 +21,8 @@ from slidejax.nn import DenseMLP
 from slidejax.nn import SlideMLP
 from slidejax.checkpoint import CheckpointError
 from slidejax.checkpoint import TrainingCheckpoints
-from slidejax.distributed._layout import host_value
 from slidejax.train import _plan
+from slidejax.train._calibrate import calibrate
 from slidejax.train._config import TrainConfig
 from slidejax.train._config import TrainingDiverged
 from slidejax.train._config import TrainingError
@@ -148,19 +148,6 @@ def _build_trainer(config: TrainConfig, train: xcdata.XCData) -> Trainer:
 def _copy_model_state(trainer: Trainer):
   """A copy of the model's half of the trainer's state (the next step donates the original)."""
   return jax.tree.map(lambda x: x.copy(), trainer.state[0])
-
-
-def _model_value(trainer: Trainer, layer: str, name: str) -> np.ndarray:
-  """The value of the model's variable ``layer.name`` (e.g. ``output.bias``) on this host."""
-  model = nnx.merge(trainer.graphdef, trainer.state)[0]
-  return host_value(getattr(getattr(model, layer), name).get_value())
-
-
-def _set_model_value(trainer: Trainer, layer: str, name: str, value: np.ndarray) -> None:
-  """Replaces the value of the model's variable ``layer.name`` (same shape, float32)."""
-  model, optimizer = nnx.merge(trainer.graphdef, trainer.state)
-  getattr(getattr(model, layer), name).set_value(jnp.asarray(value, jnp.float32))
-  trainer.state = nnx.state((model, optimizer))
 
 
 def _with_model_state(trainer: Trainer, model_state) -> None:
@@ -362,58 +349,30 @@ class _Run:
                f"{early.best_score:.4f})")
 
   def calibrate(self) -> None:
-    """At the end, once, on the held-out rows (see ``--calibrate``): multiplies a label
-    shortcut's scale by the best factor of ``_plan.SHORTCUT_GRID``, then shifts a sampled
-    output layer's biases by ``tau * log(1 + label count)`` with the best ``tau`` of
-    ``_plan.CALIBRATION_GRID``; the kept best model gets the same changes."""
+    """At the end, once: :func:`slidejax.train.calibrate` on the held-out rows, scored by the
+    trainer's compiled predictions (see ``--calibrate``); the kept best model gets the same
+    changes."""
     pos, config = self.position, self.config
     if (self.held is None or config.calibrate == "none" or pos.get("calibration") is not None
         or (config.dense and not config.shortcut)):
       return
-    before = self.score_held()
-    factor, after = (self.calibrate_shortcut(before) if config.shortcut else (1.0, before))
-    tau, after = (0.0, after) if config.dense else self.calibrate_bias(after)
-    if tau and config.transform != "none":   # the bias is part of the hashed rows
+    model, optimizer = nnx.merge(self.trainer.graphdef, self.trainer.state)
+
+    def score(changed) -> float:   # the model's values into the trainer, then its predictions
+      self.trainer.state = nnx.state((changed, optimizer))
+      return _plan.validation_score(self.evaluate(self.held))
+
+    result = calibrate(model, self.held, xcdata.label_counts(self.train), score=score,
+                       shift_biases=not config.dense)
+    self.trainer.state = nnx.state((model, optimizer))
+    if result["tau"] and config.transform != "none":   # the bias is part of the hashed rows
       self.trainer.rebuild()
-    if (tau or factor != 1.0) and self.best is not None:
+    if (result["tau"] or result["shortcut_factor"] != 1.0) and self.best is not None:
       self.best = _copy_model_state(self.trainer)
-    pos["calibration"] = {"tau": tau, "shortcut_factor": factor, "before": round(before, 6),
-                          "after": round(after, 6)}
-    self.log(f"calibrated: shortcut scale x{factor:g}, output biases shifted by {tau:g} x "
-             f"log(1 + label count) (validation mean P@1/3/5 {before:.4f} -> {after:.4f})")
-
-  def score_held(self) -> float:
-    return _plan.validation_score(self.evaluate(self.held))
-
-  def calibrate_shortcut(self, score_now: float) -> tuple[float, float]:
-    """Multiplies the shortcut's scale by the best factor; returns (factor, its score)."""
-    from slidejax.nn import LabelShortcut
-    log_scale = _model_value(self.trainer, "shortcut", "log_scale")
-    scores = {1.0: score_now}
-    for factor in _plan.SHORTCUT_GRID:
-      if factor != 1.0:
-        _set_model_value(self.trainer, "shortcut", "log_scale",
-                         log_scale + math.log(factor) / LabelShortcut.SCALE_GAIN)
-        scores[factor] = self.score_held()
-    best = _plan.best_factor(scores)
-    _set_model_value(self.trainer, "shortcut", "log_scale",
-                     log_scale + math.log(best) / LabelShortcut.SCALE_GAIN)
-    return best, scores[best]
-
-  def calibrate_bias(self, score_now: float) -> tuple[float, float]:
-    """Shifts the output biases by the best prior shift; returns (tau, its score)."""
-    counts = xcdata.label_counts(self.train)
-    bias = _model_value(self.trainer, "output", "bias")
-    scores = {0.0: score_now}
-    for tau in _plan.CALIBRATION_GRID:
-      if tau != 0.0:
-        _set_model_value(self.trainer, "output", "bias",
-                         bias + _plan.prior_shift(counts, tau, len(bias)))
-        scores[tau] = self.score_held()
-    best = _plan.best_shift(scores)
-    _set_model_value(self.trainer, "output", "bias",
-                     bias + _plan.prior_shift(counts, best, len(bias)))
-    return best, scores[best]
+    pos["calibration"] = result
+    self.log(f"calibrated: shortcut scale x{result['shortcut_factor']:g}, output biases "
+             f"shifted by {result['tau']:g} x log(1 + label count) (validation mean P@1/3/5 "
+             f"{result['before']:.4f} -> {result['after']:.4f})")
 
   # -- checkpoints ------------------------------------------------------------------------
   def save(self, reason: str) -> None:

@@ -1,0 +1,89 @@
+"""``calibrate``: the end-of-run corrections ``--calibrate auto`` chooses on a validation
+split, for any trained :class:`slidejax.nn.SlideMLP` / :class:`slidejax.nn.DenseMLP`."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+from flax import nnx
+
+from slidejax import data as xcdata
+from slidejax.train import _plan
+
+
+def _validation_scorer(held: xcdata.XCData, batch_size: int, max_features: int | None):
+  """``model -> mean P@1/3/5`` on ``held`` from the model's exact top 5 (compiled once)."""
+  from slidejax.train._loop import evaluate_model
+  top_k = nnx.jit(lambda model, ids, values: model.top_k(ids, values, 5)[1])
+  width = max_features or int(xcdata.suggest_widths(held)[0])
+
+  def score(model) -> float:
+    return _plan.validation_score(evaluate_model(
+        lambda ids, values: top_k(model, ids, values), held, batch_size=batch_size,
+        max_features=width))
+
+  return score
+
+
+def calibrate(model: nnx.Module, held: xcdata.XCData, label_counts, *,
+              score: Callable[[nnx.Module], float] | None = None, batch_size: int = 256,
+              max_features: int | None = None, shift_biases: bool | None = None) -> dict:
+  """Calibrates a trained model in place on validation rows ``held`` (not trained on).
+
+  With a :class:`slidejax.nn.LabelShortcut`, its scale is first multiplied by the factor of
+  ``_plan.SHORTCUT_GRID`` that scores best (1 unless another scores better); then, when
+  ``shift_biases`` (default: a sampled output layer, ``model.output``), every label's output
+  bias is shifted by ``tau * log(1 + label_counts[label])`` with the best ``tau`` of
+  ``_plan.CALIBRATION_GRID`` (0 likewise). The score is the mean of P@1, P@3 and P@5 of the
+  exact top 5 (``score(model)`` replaces it, e.g. a trainer's compiled predictions).
+
+  Args:
+    model: the trained model; its ``shortcut.log_scale`` and ``output.bias`` are changed.
+    held: the validation rows.
+    label_counts: ``[num_labels]`` training counts per label (:func:`slidejax.data.label_counts`
+      of the rows it was trained on).
+  Returns:
+    ``{"tau", "shortcut_factor", "before", "after"}`` (the scores before and after).
+  """
+  if score is None:
+    score = _validation_scorer(held, batch_size, max_features)
+  if shift_biases is None:
+    shift_biases = isinstance(getattr(model, "output", None), nnx.Module)
+  before = score(model)
+  factor, after = 1.0, before
+  if getattr(model, "shortcut", None) is not None:
+    factor, after = _best_change(model, model.shortcut.log_scale, score, before,
+                                 _plan.SHORTCUT_GRID, 1.0, _plan.best_factor,
+                                 lambda log_scale, f: log_scale + math.log(f)
+                                 / type(model.shortcut).SCALE_GAIN)
+  tau = 0.0
+  if shift_biases:
+    counts = np.asarray(label_counts)
+    tau, after = _best_change(model, model.output.bias, score, after,
+                              _plan.CALIBRATION_GRID, 0.0, _plan.best_shift,
+                              lambda bias, t: bias + _plan.prior_shift(counts, t, len(bias)))
+  return {"tau": tau, "shortcut_factor": factor, "before": round(before, 6),
+          "after": round(after, 6)}
+
+
+def _best_change(model, variable: nnx.Variable, score, score_now: float, grid, identity,
+                 best_of, changed) -> tuple[float, float]:
+  """Tries ``changed(value, g)`` for each ``g`` of ``grid`` on ``variable``, keeps the best
+  (``best_of`` of the scores, ``identity`` scored as ``score_now``); returns (g, its score)."""
+  import jax.numpy as jnp
+
+  from slidejax.distributed import host_value
+  start = host_value(variable.get_value())
+
+  def put(g):
+    variable.set_value(jnp.asarray(changed(start, g), start.dtype))
+
+  scores = {identity: score_now}
+  for g in grid:
+    if g != identity:
+      put(g)
+      scores[g] = score(model)
+  best = best_of(scores)
+  put(best)
+  return best, scores[best]
