@@ -22,7 +22,10 @@ class LabelShortcut(nnx.Module):
   within a few hundred steps. What it adds: a
   label whose name or tag is itself a rare input word is scored from its first step, where
   the hidden layer (a rank-``hidden`` map from features to labels, trained by a few gradient
-  steps per rare pair) ranks it under frequent labels.
+  steps per rare pair) ranks it under frequent labels. Learned beside a hidden layer under
+  dropout and through a sampled softmax, the scale ends too small for predictions over every
+  label: :func:`slidejax.train.calibrate` (``fit``'s ``--calibrate auto``) multiplies it by a
+  factor chosen on validation rows.
 
   Attributes:
     links: ``LabelLinks`` int32 ``[num_features, per_feature]``: label ids, -1 for none.
