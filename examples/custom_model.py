@@ -4,7 +4,8 @@ The step is the public path: ``slidejax.value_and_grad`` gives row-sparse gradie
 rows the sparse layers gathered (ordinary ones elsewhere) and ``slidejax.Optimizer`` applies
 any optax transformation to just those rows. The same model and step under ``nnx.Optimizer``
 and ``nnx.value_and_grad`` (dense gradients over every row) is trained beside it, on the same
-batches, with the steps timed alternately; both are then evaluated.
+batches, with the steps timed alternately (``slidejax.bench.side_by_side``); both are then
+evaluated.
 
 Run: ``python examples/custom_model.py`` (3K labels, about a minute on 2 cores) or
 ``python examples/custom_model.py --labels 200000`` (the README's figure).
@@ -12,8 +13,6 @@ Run: ``python examples/custom_model.py`` (3K labels, about a minute on 2 cores) 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import optax
@@ -23,6 +22,7 @@ import slidejax
 from slidejax import data as xcdata
 from slidejax import nn
 from slidejax import train
+from slidejax.bench.side_by_side import train_alternately
 
 
 class DeepSlideNet(nnx.Module):
@@ -74,30 +74,13 @@ def main(num_labels: int = 3_000, steps: int = 300, points: int = 12_000,
       ("slidejax", slidejax.Optimizer, slidejax.value_and_grad),
       ("nnx", nnx.Optimizer, nnx.value_and_grad)):
     model = DeepSlideNet(trn.num_features, trn.num_labels, rngs=nnx.Rngs(0))
-    paths[name] = dict(model=model, step=make_step(value_and_grad), times=[],
+    paths[name] = dict(model=model, step=make_step(value_and_grad),
                        optimizer=optimizer_cls(model, optax.adam(1e-3), wrt=nnx.Param))
-  schedule = train.RehashSchedule()   # SLIDE's: first rebuild after 50 steps, then growing
-  step = epoch = 0
-  while step < steps:
-    for b in xcdata.iterate_batches(trn, batch_size, max_features=max_features,
-                                    max_labels=max_labels, seed=0, epoch=epoch):
-      step += 1
-      for path in paths.values():   # alternate: machine drift hits both paths alike
-        t0 = time.perf_counter()
-        loss = path["step"](path["model"], path["optimizer"], b.feature_ids, b.feature_values,
-                            b.label_ids)
-        path["loss"] = float(loss)   # waits for the step
-        path["times"].append(time.perf_counter() - t0)
-        if schedule.is_rebuild_step(step)[0]:
-          nn.rebuild_tables(path["model"])   # eagerly, between steps (keys: the layer's stream)
-      if step % 100 == 0:
-        log(f"step {step}: " + "  ".join(f"{n} loss {p['loss']:.3f}" for n, p in paths.items()))
-      if step >= steps:
-        break
-    epoch += 1
+  step_ms = train_alternately(paths, trn, steps=steps, batch_size=batch_size,
+                              max_features=max_features, max_labels=max_labels, log=log)
   result = {"labels": num_labels, "steps": steps, "batch_size": batch_size}
   for name, path in paths.items():
-    ms = 1e3 * statistics.median(path["times"][2:])   # the first steps compile
+    ms = step_ms[name]
     scores = evaluate(path["model"], tst, batch_size, max_features)
     result[name] = {"step_ms": ms, "p@1": scores["p@1"], "p@5": scores["p@5"]}
     log(f"{name:>9}: {ms:7.1f} ms/step  P@1 {scores['p@1']:.3f}  P@5 {scores['p@5']:.3f}")

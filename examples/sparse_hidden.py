@@ -27,8 +27,6 @@ labels, 400 steps; about a minute on 2 cores). README: Results, "A sparse hidden
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import optax
@@ -38,6 +36,7 @@ import slidejax
 from slidejax import data as xcdata
 from slidejax import nn
 from slidejax import train
+from slidejax.bench.side_by_side import train_alternately
 
 EVAL_KEY = 1234   # the sparse hidden layer's selection key when evaluating
 
@@ -131,33 +130,15 @@ def main(hidden_neurons: int = 16_384, num_labels: int = 1_000, steps: int = 400
   for name, mode in (("sparse", sparse_mode), ("dense", "dense")):
     model = SparseHiddenNet(trn.num_features, trn.num_labels, hidden_neurons=hidden_neurons,
                             num_active=num_active, hidden_mode=mode, rngs=nnx.Rngs(0))
-    variants[name] = dict(model=model, step=make_step(slidejax.value_and_grad), times=[],
+    variants[name] = dict(model=model, step=make_step(slidejax.value_and_grad),
                           optimizer=slidejax.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param))
-  schedule = train.RehashSchedule()   # SLIDE's: first rebuild after 50 steps, then growing
-  step = epoch = 0
-  while step < steps:
-    for b in xcdata.iterate_batches(trn, batch_size, max_features=max_features,
-                                    max_labels=max_labels, seed=0, epoch=epoch):
-      step += 1
-      for v in variants.values():   # alternate: machine drift hits both variants alike
-        t0 = time.perf_counter()
-        loss = v["step"](v["model"], v["optimizer"], b.feature_ids, b.feature_values,
-                         b.label_ids)
-        v["loss"] = float(loss)   # waits for the step
-        v["times"].append(time.perf_counter() - t0)
-        if schedule.is_rebuild_step(step)[0]:
-          nn.rebuild_tables(v["model"])   # eagerly, between steps (dense: nothing to rebuild)
-      if step % 100 == 0:
-        log(f"step {step}: " + "  ".join(f"{n} loss {v['loss']:.3f}"
-                                         for n, v in variants.items()))
-      if step >= steps:
-        break
-    epoch += 1
+  step_ms = train_alternately(variants, trn, steps=steps, batch_size=batch_size,
+                              max_features=max_features, max_labels=max_labels, log=log)
   result = {"hidden_neurons": hidden_neurons, "num_active": num_active,
             "sparse_mode": sparse_mode, "labels": num_labels, "steps": steps,
             "batch_size": batch_size}
   for name, v in variants.items():
-    ms = 1e3 * statistics.median(v["times"][2:])   # the first steps compile
+    ms = step_ms[name]
     scores = evaluate(v["model"], tst, batch_size, max_features)
     result[name] = {"step_ms": ms, "p@1": scores["p@1"], "p@5": scores["p@5"]}
     log(f"{name:>6}: {ms:7.1f} ms/step  P@1 {scores['p@1']:.3f}  P@5 {scores['p@5']:.3f}")
