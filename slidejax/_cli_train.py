@@ -65,10 +65,12 @@ def add_parser(subparsers) -> None:
                       "the active set, table share, bucket occupancy; not timed)")
   p.add_argument("--builder", choices=("host", "jax"), default=None,
                  help="table builder/query backend (default: host on CPU, jax elsewhere)")
-  p.add_argument("--batch-size", type=int, help="default: 128")
+  p.add_argument("--batch-size", type=_auto_or(int), metavar="N|auto",
+                 help="rows per step; auto: 128 for a dense output layer, 256 for a sparse "
+                      "one (default: auto)")
   p.add_argument("--lr", type=_auto_or(float), metavar="RATE|auto",
                  help="peak learning rate of AdamW; auto: 0.001 for a dense output layer, "
-                      "0.003 for a sparse one (default: auto)")
+                      "0.005 for a sparse one (default: auto)")
   p.add_argument("--schedule", choices=("cosine", "linear", "constant"),
                  help="learning rate over the planned steps (the epochs, or what "
                       "--time-budget buys) (default: cosine)")

@@ -79,13 +79,31 @@ def test_auto_num_active_is_dense_for_few_labels_and_a_share_for_many():
   assert _plan.auto_num_active(_plan.AUTO_DENSE_LABELS + 1) <= _plan.AUTO_DENSE_LABELS + 1
 
 
+def test_auto_batch_size_and_rate_follow_the_output_layer():
+  small, _ = _data(labels=100)
+  dense, notes = train.resolve_config(train.TrainConfig(), small)
+  assert (dense.batch_size, dense.lr) == (_plan.AUTO_BATCH_DENSE, _plan.AUTO_LR_DENSE)
+  assert "dense" in notes["batch_size"]
+  sparse, notes = train.resolve_config(train.TrainConfig(num_active=64), small)
+  assert (sparse.batch_size, sparse.lr) == (_plan.AUTO_BATCH_SPARSE, _plan.AUTO_LR_SPARSE)
+  assert _plan.AUTO_BATCH_SPARSE != _plan.AUTO_BATCH_DENSE and "sparse" in notes["batch_size"]
+  # on a mesh, auto rounds up to a multiple of the data axis; an explicit size stays
+  meshed, _ = train.resolve_config(train.TrainConfig(num_active=64, mesh="data=3,model=1"),
+                                   small)
+  assert meshed.batch_size % 3 == 0 and 0 < meshed.batch_size - _plan.AUTO_BATCH_SPARSE < 3
+  assert train.resolve_config(train.TrainConfig(batch_size=50), small)[0].batch_size == 50
+
+
 def test_auto_epochs_and_validation_follow_the_data():
   trn, _ = _data(points=3000)
   config, notes = train.resolve_config(train.TrainConfig(batch_size=50), trn)
   held = _plan.validation_rows(trn.num_points, config.validation)
   assert 200 <= held <= trn.num_points // 5
   steps_per_epoch = -(-(trn.num_points - held) // 50)
-  assert config.epochs == _plan.auto_epochs(steps_per_epoch)
+  assert config.epochs == _plan.auto_epochs(steps_per_epoch, 50)
+  # the epochs that pass AUTO_ROWS rows, whatever the batch
+  assert _plan.auto_epochs(_plan.AUTO_ROWS // 1280, 128) == 10
+  assert _plan.auto_epochs(_plan.AUTO_ROWS // 2560, 256) == 10
   assert "early stopping" in notes["epochs"]
   # explicit epochs: no validation unless asked for
   fixed, _ = train.resolve_config(train.TrainConfig(epochs=3), trn)

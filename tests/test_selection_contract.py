@@ -271,7 +271,7 @@ def test_per_sample_mode_learns_at_100k_labels():
                       for i in range(tst.num_points)])
   popularity_p1 = has_top.mean()
   config = train.TrainConfig(**{**train.CLASSIC, "hidden": 32, "lr": 3e-3}, num_active=256,
-                             mode="per_sample", l=16, epochs=3, batch_size=128, eval_points=1000,
+                             mode="per_sample", l=16, epochs=3, eval_points=1000,
                              uniform_share=0.5, in_batch_negatives=True)
   result = train.fit(config, trn, tst, progress=False, log=lambda m: None)
   assert result["rebuilds"] >= 2          # the tables were in use, and rebuilt

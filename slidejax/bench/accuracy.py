@@ -98,11 +98,12 @@ def run_slidejax(train_path: str, test_path: str, train: xcdata.XCData, test: xc
   jitted = nnx.jit(lambda model, ids, values: model.top_k(ids, values, 5)[1])
   top_k = lambda ids, values: jitted(model, ids, values)  # noqa: E731
   max_features = result["config"]["max_features"]
+  batch_size = result["config"]["batch_size"]   # resolved ("auto": by the output layer)
   training.evaluate_model(top_k, xcdata.subset(test, np.arange(min(8, test.num_points))),
-                          batch_size=config.batch_size, max_features=max_features)  # compile
+                          batch_size=batch_size, max_features=max_features)  # compile
   t0 = time.perf_counter()
   scored = training.evaluate_model(
-      top_k, test, batch_size=config.batch_size, max_features=max_features,
+      top_k, test, batch_size=batch_size, max_features=max_features,
       propensities=metrics.propensities(xcdata.label_counts(train), train.num_points))
   predict_seconds = time.perf_counter() - t0
   return {**scored, "train_seconds": result["train_seconds"],

@@ -13,7 +13,7 @@ from slidejax.train._schedule import RehashSchedule
 # The SLIDE paper's network with slidejax 0.1's training settings (before the defaults were
 # tuned for accuracy): what the README's selection and Amazon-670K results were measured with.
 CLASSIC = {"hidden": 128, "dropout": 0.0, "lr": 1e-3, "schedule": "constant",
-           "output_init": "small", "shortcut": 0}
+           "output_init": "small", "shortcut": 0, "batch_size": 128}
 
 
 class TrainingError(ValueError):
@@ -49,7 +49,7 @@ class TrainConfig:
   policy: str = "vanilla"
   threshold: int = 2
   mode: str = "shared"
-  batch_size: int = 128
+  batch_size: int | str = "auto"   # 128 with a dense output layer, 256 with a sparse one
   lr: float | str = "auto"
   schedule: str = "cosine"     # learning rate over the planned steps (see _plan)
   epochs: int | str = "auto"
@@ -146,7 +146,7 @@ def _check_mesh_options(config: TrainConfig) -> None:
   """What a run on a mesh needs: batches that split over ``data``, an active set that
   splits over ``model``, and the options a layer of several blocks supports."""
   sizes = mesh_sizes(config)
-  if config.batch_size % sizes["data"]:
+  if config.batch_size != "auto" and config.batch_size % sizes["data"]:
     raise TrainingError(f"batch_size {config.batch_size} must be a multiple of the mesh's "
                         f"data axis ({sizes['data']})")
   shards = sizes["model"]
@@ -190,8 +190,10 @@ _CHOICES = {"hash": ("simhash", "wta", "dwta", "minhash"),
 def check_options(config: TrainConfig) -> None:
   """Refuses (TrainingError, naming the flag's field) any option outside its meaning: a
   learning rate of -1 trains nothing; it is an error, not a run."""
-  for name in ("hidden", "batch_size", "l", "bucket_capacity", "patience"):
+  for name in ("hidden", "l", "bucket_capacity", "patience"):
     _positive(getattr(config, name), name, integer=True)
+  if config.batch_size != "auto":
+    _positive(config.batch_size, "batch_size", integer=True)
   for name in ("k", "range_bits", "max_features", "max_labels"):
     if getattr(config, name) is not None:
       _positive(getattr(config, name), name, integer=True)
@@ -254,6 +256,12 @@ def resolve_config(config: TrainConfig, train: xcdata.XCData) -> tuple[TrainConf
   if config.dropout == "auto":
     config = dataclasses.replace(config, dropout=_plan.AUTO_DROPOUT)
     notes["dropout"] = f"{_plan.AUTO_DROPOUT:g}"
+  if config.batch_size == "auto":
+    base = _plan.AUTO_BATCH_DENSE if config.dense else _plan.AUTO_BATCH_SPARSE
+    data_axis = mesh_sizes(config)["data"]
+    batch = data_axis * math.ceil(base / data_axis)   # splits over the mesh's data axis
+    config = dataclasses.replace(config, batch_size=batch)
+    notes["batch_size"] = f"{batch} ({'dense' if config.dense else 'sparse'} output layer)"
   if config.validation == "auto":
     rows = 0
     if config.epochs == "auto":
@@ -263,7 +271,7 @@ def resolve_config(config: TrainConfig, train: xcdata.XCData) -> tuple[TrainConf
     config = dataclasses.replace(config, validation=round(rows / train.num_points, 6))
   if config.epochs == "auto":
     kept = train.num_points - _plan.validation_rows(train.num_points, config.validation)
-    epochs = _plan.auto_epochs(math.ceil(kept / config.batch_size),
+    epochs = _plan.auto_epochs(math.ceil(kept / config.batch_size), config.batch_size,
                                budgeted=bool(config.time_budget))
     config = dataclasses.replace(config, epochs=epochs)
     notes["epochs"] = f"at most {epochs}, early stopping on the validation split"

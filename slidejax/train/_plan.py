@@ -24,7 +24,13 @@ AUTO_MAX_ACTIVE = 8192
 # --lr auto: AdamW's peak rate for a dense output layer, and for a sparse one (whose rows
 # are touched rarely: a larger rate; 1e-2 was worse on pypi-names' validation split).
 AUTO_LR_DENSE = 1e-3
-AUTO_LR_SPARSE = 3e-3
+AUTO_LR_SPARSE = 5e-3
+# --batch-size auto: rows per step with a dense output layer, and with a sparse one. On
+# pypi-names a sparse step of 256 rows costs 1.4x one of 128 (24 against 17 ms) for twice the
+# rows, and 256 at rate 5e-3 scored above 128 at 3e-3 on the validation split within the
+# same budgets (150, 300 and 600 s; see the README, group 11).
+AUTO_BATCH_DENSE = 128
+AUTO_BATCH_SPARSE = 256
 # --dropout auto: the rate on the embedding (best on bibtex's and delicious' validation splits;
 # on pypi-names' with the shortcut: 0.7 ahead of 0.5 by 0.5 point, level with 0.8).
 AUTO_DROPOUT = 0.7
@@ -32,10 +38,11 @@ AUTO_DROPOUT = 0.7
 # this many labels (LabelShortcut): +1.7 points of validation score on pypi-names; with the
 # dense softmax none (-0.3 on bibtex's validation split, -0.5 on delicious'; see the README).
 AUTO_SHORTCUT = 32
-# --epochs auto: at most as many epochs as make AUTO_STEPS steps, clipped to this range
-# (with a time budget, the budget bounds the run instead: up to the range's top); early
-# stopping on the validation split ends the run sooner when it stops improving.
-AUTO_STEPS = 5_000
+# --epochs auto: at most as many epochs as pass AUTO_ROWS training rows (5,000 steps of 128
+# rows), clipped to this range (with a time budget, the budget bounds the run instead: up to
+# the range's top); early stopping on the validation split ends the run sooner when it stops
+# improving.
+AUTO_ROWS = 640_000
 AUTO_EPOCHS = (4, 100)
 # --validation auto (with --epochs auto): this share of the training rows, within limits.
 AUTO_VALIDATION = 0.1
@@ -75,12 +82,14 @@ def auto_num_active(num_labels: int) -> int | None:
   return min(num_labels, 2 ** int(round(math.log2(want))))
 
 
-def auto_epochs(steps_per_epoch: int, *, budgeted: bool = False) -> int:
-  """``--epochs auto``: the most epochs a run may take (early stopping ends it sooner)."""
+def auto_epochs(steps_per_epoch: int, batch_size: int, *, budgeted: bool = False) -> int:
+  """``--epochs auto``: the most epochs a run may take (early stopping ends it sooner): as
+  many as make ``AUTO_ROWS / batch_size`` steps of ``steps_per_epoch``."""
   low, high = AUTO_EPOCHS
   if budgeted:
     return high
-  return int(min(high, max(low, math.ceil(AUTO_STEPS / max(steps_per_epoch, 1)))))
+  steps = AUTO_ROWS / max(batch_size, 1)
+  return int(min(high, max(low, math.ceil(steps / max(steps_per_epoch, 1)))))
 
 
 def validation_rows(num_points: int, fraction: float) -> int:
