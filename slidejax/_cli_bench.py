@@ -143,7 +143,8 @@ def _time_to_accuracy(args) -> dict:
   # the classic network and constant rate: the curves compare samplers step for step
   common = dict(train.CLASSIC, epochs=args.epochs, lr=args.lr, eval_every=args.eval_every,
                 eval_points=args.eval_points, time_budget=args.time_budget,
-                batch_size=args.batch_size or 128, hidden=args.hidden or 128)
+                batch_size=args.batch_size or train.CLASSIC["batch_size"],
+                hidden=args.hidden or train.CLASSIC["hidden"])
   runs = _tta_runs(args, trn.num_labels, common)
   baseline = "uniform" if "uniform" in runs else next(iter(runs))
   result = tta.run(trn, tst, runs, baseline=baseline, log=lambda m: print(m, file=sys.stderr))

@@ -26,9 +26,9 @@ AUTO_MAX_ACTIVE = 8192
 AUTO_LR_DENSE = 1e-3
 AUTO_LR_SPARSE = 5e-3
 # --batch-size auto: rows per step with a dense output layer, and with a sparse one. On
-# pypi-names a sparse step of 256 rows costs 1.4x one of 128 (24 against 17 ms) for twice the
-# rows, and 256 at rate 5e-3 scored above 128 at 3e-3 on the validation split within the
-# same budgets (150, 300 and 600 s; see the README, group 11).
+# pypi-names a sparse step of 256 rows costs 1.4-1.7x one of 128 (24 against 14-18 ms) for
+# twice the rows, and 256 at rate 5e-3 scored above 128 at 3e-3 on the validation split
+# within the same budgets (150, 300 and 600 s; see the README, group 11).
 AUTO_BATCH_DENSE = 128
 AUTO_BATCH_SPARSE = 256
 # --dropout auto: the rate on the embedding (best on bibtex's and delicious' validation splits;
