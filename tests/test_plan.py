@@ -244,6 +244,70 @@ def test_a_short_budget_is_not_planned_from_the_first_rebuilds(monkeypatch):
   assert 0.75 * 20.0 <= result["train_seconds"] <= 20.0 + 0.5
 
 
+def test_budget_steps_reserve_the_validations_beyond_the_slack():
+  plain = _plan.budget_steps(600.0, 18.0, 30, 0.025)
+  assert plain == (30 + int(582.0 * (1 - _plan.PLAN_SLACK) / 0.025), 10)
+  # validations that fit in the slack change nothing (the README's runs plan as before)
+  assert _plan.budget_steps(600.0, 18.0, 30, 0.025, validation_seconds=1.3,
+                            end_validations=12, steps_per_epoch=1500) == plain
+  # a short budget: one validation per run, and the steps get what the passes leave
+  steps, per_run = _plan.budget_steps(30.0, 1.5, 30, 0.05, validation_seconds=1.3,
+                                      end_validations=12, steps_per_epoch=1500)
+  assert per_run == 1 and 200 < steps - 30
+  assert (steps - 30) * 0.05 + 1.3 * (per_run + 12) <= 28.5
+  # short epochs: a validation per epoch, each paid for by the steps
+  steps, per_run = _plan.budget_steps(20.0, 0.6, 30, 0.01, validation_seconds=0.2,
+                                      end_validations=12, steps_per_epoch=40)
+  assert (steps - 30) * 0.01 + 0.2 * (steps / 40 + 12) <= 19.4 + 0.2
+  assert (steps - 30) * 0.01 + 0.2 * (steps / 40 + 12) >= 0.9 * 19.4 - 0.2
+
+
+@pytest.mark.parametrize("batch_seconds", [0.004, 0.01])
+def test_a_budget_reserves_its_validations_and_calibration(monkeypatch, batch_seconds):
+  # validations (every tenth of the run, and a calibration's dozen at the end) were left to
+  # the plan's 10% slack: a 30 s budget on pypi-names trained 47 s. Each validation batch
+  # costs batch_seconds here (batches of 8: epochs longer than a tenth of the run).
+  trn, _ = _data(points=2000, labels=300)
+  clock = [0.0]
+
+  def now():
+    clock[0] += 0.01
+    return clock[0]
+
+  def slow_evaluate(predict, data, *, batch_size, **kw):
+    rows = kw.get("points") or data.num_points
+    clock[0] += batch_seconds * -(-min(rows, data.num_points) // batch_size)
+    return evaluate(predict, data, batch_size=batch_size, **kw)
+
+  evaluate = _loop.evaluate_model
+  monkeypatch.setattr(_loop, "_now", now)
+  monkeypatch.setattr(_loop, "evaluate_model", slow_evaluate)
+  logs = []
+  result = train.fit(_sampled_config(epochs=200, time_budget=20.0, batch_size=8), trn, None,
+                     progress=False, log=logs.append)
+  assert result["calibration"] is not None and result["config"]["shortcut"]
+  assert result["steps"] == result["planned_steps"]
+  assert 0.75 * 20.0 <= result["train_seconds"] <= 20.0 + 0.5
+  assert not [line for line in logs if "warning" in line]
+
+
+def test_a_budget_too_small_for_its_validations_warns(monkeypatch):
+  trn, _ = _data(points=2000, labels=300)
+  clock = [0.0]
+
+  def now():
+    clock[0] += 0.01
+    return clock[0]
+
+  monkeypatch.setattr(_loop, "_now", now)
+  monkeypatch.setattr(_loop._Run, "validation_seconds", lambda self: 3.0)
+  logs = []
+  train.fit(_sampled_config(epochs=200, time_budget=20.0), trn, None, progress=False,
+            log=logs.append)
+  assert [line for line in logs if "1 per run and 12 at the end" in line]
+  assert [line for line in logs if line.startswith("warning") and "will overrun" in line]
+
+
 def test_resume_is_exact_with_a_plan_validation_and_best_model(tmp_path, monkeypatch):
   trn, tst = _data(points=700)
   config = _overfitting_config(epochs=12, patience=100, time_budget=12.0)

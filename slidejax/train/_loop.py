@@ -249,7 +249,8 @@ class _Run:
         "step": 0, "epoch": 0, "batch_index": 0, "train_seconds": 0.0, "rebuilds": 0,
         "rebuild_seconds": 0.0, "history": [], "probes": [], "horizon": horizon,
         "plan_from": None, "early": list(_plan.EarlyStopping()), "validations": [],
-        "best_saved": False, "calibration": None}
+        "best_saved": False, "calibration": None,
+        "validations_per_run": _plan.VALIDATIONS_PER_RUN}
     self.best = None
     self.last_checkpoint = None
     self.pending: list[tuple[int, jax.Array]] = []
@@ -263,7 +264,8 @@ class _Run:
 
   def validation_every(self) -> int:
     return _plan.validation_interval(self.steps_per_epoch,
-                                     self.horizon or self.steps_per_epoch * self.config.epochs)
+                                     self.horizon or self.steps_per_epoch * self.config.epochs,
+                                     self.position["validations_per_run"])
 
   def plan_budget(self) -> None:
     """Turns the time budget into a step count, once, from the step time measured since the
@@ -280,10 +282,49 @@ class _Run:
     steps = pos["step"] - start_step
     seconds = (pos["train_seconds"] - start_seconds) - (pos["rebuild_seconds"] - start_rebuild)
     if steps >= _plan.PLAN_MIN_STEPS and seconds >= _plan.PLAN_SHARE * budget:
-      bought = _plan.budget_steps(budget, pos["train_seconds"], pos["step"], seconds / steps)
+      validation, ends = self.validation_seconds(), self.end_validations()
+      bought, per_run = _plan.budget_steps(
+          budget, pos["train_seconds"], pos["step"], seconds / steps,
+          validation_seconds=validation, end_validations=ends,
+          steps_per_epoch=self.steps_per_epoch)
       pos["horizon"] = min(bought, self.steps_per_epoch * self.config.epochs)
-      self.log(f"time budget {budget:g} s: {seconds / steps * 1e3:.1f} ms per step, "
-               f"{pos['horizon']} steps planned")
+      pos["validations_per_run"] = per_run
+      self.log_plan(seconds / steps, validation, ends)
+
+  def log_plan(self, step_seconds: float, validation: float, ends: int) -> None:
+    pos, budget = self.position, self.config.time_budget
+    per_run = pos["validations_per_run"]
+    note = (f"; {validation:.2f} s per validation, {per_run} per run and {ends} at the end"
+            if self.held is not None else "")
+    self.log(f"time budget {budget:g} s: {step_seconds * 1e3:.1f} ms per step, "
+             f"{pos['horizon']} steps planned{note}")
+    rest, needed = budget - pos["train_seconds"], validation * (per_run + ends)
+    if needed > 0.5 * rest:
+      overrun = ": the run will overrun the budget" if needed > rest else ""
+      self.log(f"warning: {per_run + ends} validation passes take about {needed:.0f} s of "
+               f"the {rest:.0f} s left{overrun} (a larger --time-budget or a smaller "
+               f"--validation share leaves more to the steps)")
+
+  def end_validations(self) -> int:
+    """The validation passes after the last step at most (see ``_plan.end_validations``)."""
+    c = self.config
+    if self.held is None:
+      return 0
+    return _plan.end_validations(
+        calibrate=c.calibrate != "none" and not (c.dense and not c.shortcut),
+        shortcut=bool(c.shortcut), sampled=not c.dense)
+
+  def validation_seconds(self) -> float:
+    """The seconds of one validation pass, from a few batches timed after one that compiles
+    (0 without a validation split)."""
+    if self.held is None:
+      return 0.0
+    size = self.config.batch_size
+    timed = min(self.held.num_points, _plan.PLAN_VALIDATION_BATCHES * size)
+    self.evaluate(self.held, points=size)
+    t0 = _now()
+    self.evaluate(self.held, points=timed)
+    return (_now() - t0) * math.ceil(self.held.num_points / size) / math.ceil(timed / size)
 
   def set_learning_rate(self) -> None:
     """Puts this step's rate into the optimizer state (only when it changed). Until a time

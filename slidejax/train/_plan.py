@@ -55,6 +55,12 @@ PLAN_SHARE = 0.03
 PLAN_SLACK = 0.1
 # Validations per planned run (at least one per epoch).
 VALIDATIONS_PER_RUN = 10
+# A budget's validations and calibration are timed when it is planned (one validation pass,
+# over at most PLAN_VALIDATION_BATCHES batches, after one that compiles) and reserved beside
+# the steps; when they would take more than PLAN_SLACK of the rest, a run makes fewer
+# validations (down to one) so that they take at most PLAN_VALIDATION_SHARE of it.
+PLAN_VALIDATION_BATCHES = 4
+PLAN_VALIDATION_SHARE = 0.25
 SCHEDULES = ("cosine", "linear", "constant")
 # --calibrate auto: after a sampled run, every label's output bias is shifted by
 # tau * log(1 + its training count), tau the best of this grid on the validation split (0:
@@ -124,12 +130,40 @@ def learning_rate(step: int, *, base: float, horizon: int | None, schedule: str)
   return base * (1.0 - progress)
 
 
-def budget_steps(budget: float, elapsed: float, steps_done: int, seconds_per_step: float
-                 ) -> int:
-  """The step count a ``budget`` of seconds buys, ``elapsed`` seconds and ``steps_done``
-  steps into it, at ``seconds_per_step`` (``PLAN_SLACK`` of the rest kept aside)."""
-  rest = max(budget - elapsed, 0.0) * (1.0 - PLAN_SLACK)
-  return steps_done + max(1, int(rest / max(seconds_per_step, 1e-9)))
+def budget_steps(budget: float, elapsed: float, steps_done: int, seconds_per_step: float,
+                 *, validation_seconds: float = 0.0, end_validations: int = 0,
+                 steps_per_epoch: int | None = None) -> tuple[int, int]:
+  """(planned steps, validations per run): what a ``budget`` of seconds buys, ``elapsed``
+  seconds and ``steps_done`` steps into it, at ``seconds_per_step``.
+
+  ``PLAN_SLACK`` of the rest is kept aside (table rebuilds, validations). When the run's
+  validations (``VALIDATIONS_PER_RUN``, or one per epoch of ``steps_per_epoch`` steps when
+  more) and ``end_validations`` more (the last one, calibration) at ``validation_seconds``
+  each need more, the excess is taken from the steps, with fewer validations per run when
+  they would take over ``PLAN_VALIDATION_SHARE`` of the rest.
+  """
+  rest = max(budget - elapsed, 0.0)
+  per_run = VALIDATIONS_PER_RUN
+  while per_run > 1 and (validation_seconds * (per_run + end_validations)
+                         > PLAN_VALIDATION_SHARE * rest):
+    per_run -= 1
+  step, ends = max(seconds_per_step, 1e-9), validation_seconds * end_validations
+  within_slack = rest * (1.0 - PLAN_SLACK) / step
+  # validations every tenth of the run (a fixed count) ...
+  steps = min(within_slack, (rest - ends - validation_seconds * per_run) / step)
+  if steps_per_epoch and steps > per_run * steps_per_epoch:   # ... or every epoch
+    steps = min(within_slack, (rest - ends) / (step + validation_seconds / steps_per_epoch))
+  return steps_done + max(1, int(steps)), per_run
+
+
+def end_validations(*, calibrate: bool, shortcut: bool, sampled: bool) -> int:
+  """How many validation passes follow a run's last step at most: the last state's, then
+  ``calibrate``'s (a factor of ``SHORTCUT_GRID`` for a shortcut, a shift of
+  ``CALIBRATION_GRID`` for a sampled output layer; 1 and 0 are scored already)."""
+  count = 1
+  if calibrate:
+    count += (len(SHORTCUT_GRID) - 1) * shortcut + (len(CALIBRATION_GRID) - 1) * sampled
+  return count
 
 
 def prior_shift(label_counts: np.ndarray, tau: float, size: int) -> np.ndarray:
@@ -150,9 +184,11 @@ def best_factor(scores: dict[float, float]) -> float:
   return max(scores, key=lambda factor: (scores[factor], -abs(math.log(factor))))
 
 
-def validation_interval(steps_per_epoch: int, horizon: int) -> int:
-  """Steps between validations: an epoch, or a tenth of the run when epochs are longer."""
-  return max(1, min(steps_per_epoch, math.ceil(horizon / VALIDATIONS_PER_RUN)))
+def validation_interval(steps_per_epoch: int, horizon: int,
+                        per_run: int = VALIDATIONS_PER_RUN) -> int:
+  """Steps between validations: an epoch, or ``1 / per_run`` of the run when epochs are
+  longer."""
+  return max(1, min(steps_per_epoch, math.ceil(horizon / per_run)))
 
 
 class EarlyStopping(NamedTuple):
