@@ -139,8 +139,8 @@ def budget_steps(budget: float, elapsed: float, steps_done: int, seconds_per_ste
   ``PLAN_SLACK`` of the rest is kept aside (table rebuilds, validations). When the run's
   validations (``VALIDATIONS_PER_RUN``, or one per epoch of ``steps_per_epoch`` steps when
   more) and ``end_validations`` more (the last one, calibration) at ``validation_seconds``
-  each need more, the excess is taken from the steps, with fewer validations per run when
-  they would take over ``PLAN_VALIDATION_SHARE`` of the rest.
+  each need more than half of it, the excess is taken from the steps, with fewer validations
+  per run when they would take over ``PLAN_VALIDATION_SHARE`` of the rest.
   """
   rest = max(budget - elapsed, 0.0)
   per_run = VALIDATIONS_PER_RUN
@@ -149,6 +149,7 @@ def budget_steps(budget: float, elapsed: float, steps_done: int, seconds_per_ste
     per_run -= 1
   step, ends = max(seconds_per_step, 1e-9), validation_seconds * end_validations
   within_slack = rest * (1.0 - PLAN_SLACK) / step
+  rest -= 0.5 * PLAN_SLACK * rest   # half the slack stays for the rebuilds
   # validations every tenth of the run (a fixed count) ...
   steps = min(within_slack, (rest - ends - validation_seconds * per_run) / step)
   if steps_per_epoch and steps > per_run * steps_per_epoch:   # ... or every epoch
