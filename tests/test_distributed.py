@@ -269,6 +269,15 @@ def test_mesh_options_are_checked():
     nn.SlideDense(8, 10, num_active=4, shards=4, rngs=nnx.Rngs(0))
 
 
+def test_a_time_budget_is_refused_with_several_processes(monkeypatch):
+  # each process would plan its step count from its own clock and leave the others waiting
+  trn, tst = _problem()
+  config = _config(mesh="data=2", time_budget=30.0)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(train.TrainingError, match="--time-budget needs a single process"):
+    train.fit(config, trn, tst, progress=False, log=lambda m: None)
+
+
 def test_parse_mesh():
   assert dist.parse_mesh("data=2,model=4") == {"data": 2, "model": 4}
   assert dist.parse_mesh(" model = 2 ") == {"data": 1, "model": 2}

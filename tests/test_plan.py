@@ -217,16 +217,24 @@ def test_a_budget_that_buys_every_epoch_trains_alike_whatever_the_clock(monkeypa
     np.testing.assert_array_equal(a, b)
 
 
-def test_a_short_budget_is_not_planned_from_the_first_rebuilds(monkeypatch):
-  # the first table rebuild (compiling) falls in the plan's measuring window: counted as step
-  # time it made a 60 s budget on pypi-names plan a third of the steps it buys
-  trn, tst = _data(points=900, labels=100)
+def _ticking_clock(monkeypatch) -> list[float]:
+  """Replaces the loop's clock by one that advances 10 ms per reading; returns its [seconds],
+  which a test may advance itself."""
   clock = [0.0]
 
   def now():
     clock[0] += 0.01
     return clock[0]
 
+  monkeypatch.setattr(_loop, "_now", now)
+  return clock
+
+
+def test_a_short_budget_is_not_planned_from_the_first_rebuilds(monkeypatch):
+  # the first table rebuild (compiling) falls in the plan's measuring window: counted as step
+  # time it made a 60 s budget on pypi-names plan a third of the steps it buys
+  trn, tst = _data(points=900, labels=100)
+  clock = _ticking_clock(monkeypatch)
   slow_rebuild, calls = train.Trainer.rebuild, []
 
   def rebuild(self, **kw):   # the first one compiles: 3 s
@@ -234,7 +242,6 @@ def test_a_short_budget_is_not_planned_from_the_first_rebuilds(monkeypatch):
     calls.append(1)
     return slow_rebuild(self, **kw)
 
-  monkeypatch.setattr(_loop, "_now", now)
   monkeypatch.setattr(train.Trainer, "rebuild", rebuild)
   config = train.TrainConfig(hidden=16, num_active=32, epochs=200, validation=0.1,
                              patience=1000, time_budget=20.0, batch_size=32, rebuild_first=5,
@@ -262,17 +269,11 @@ def test_budget_steps_reserve_the_validations_beyond_the_slack():
   assert 0.9 * 19.4 - 0.2 <= spent <= 19.4 * (1 - _plan.PLAN_SLACK / 2) + 0.2
 
 
-@pytest.mark.parametrize("batch_seconds", [0.004, 0.01])
-def test_a_budget_reserves_its_validations_and_calibration(monkeypatch, batch_seconds):
-  # validations (every tenth of the run, and a calibration's dozen at the end) were left to
-  # the plan's 10% slack: a 30 s budget on pypi-names trained 47 s. Each validation batch
-  # costs batch_seconds here (batches of 8: epochs longer than a tenth of the run).
+def _fit_with_slow_validations(monkeypatch, batch_seconds: float, **changes):
+  """(result, log lines) of a 20 s budget on a fake clock (10 ms a reading) where each
+  validation batch costs ``batch_seconds``."""
   trn, _ = _data(points=2000, labels=300)
-  clock = [0.0]
-
-  def now():
-    clock[0] += 0.01
-    return clock[0]
+  clock = _ticking_clock(monkeypatch)
 
   def slow_evaluate(predict, data, *, batch_size, **kw):
     rows = kw.get("points") or data.num_points
@@ -280,27 +281,39 @@ def test_a_budget_reserves_its_validations_and_calibration(monkeypatch, batch_se
     return evaluate(predict, data, batch_size=batch_size, **kw)
 
   evaluate = _loop.evaluate_model
-  monkeypatch.setattr(_loop, "_now", now)
   monkeypatch.setattr(_loop, "evaluate_model", slow_evaluate)
   logs = []
-  result = train.fit(_sampled_config(epochs=200, time_budget=20.0, batch_size=8), trn, None,
-                     progress=False, log=logs.append)
+  config = _sampled_config(**{**dict(epochs=200, time_budget=20.0), **changes})
+  return train.fit(config, trn, None, progress=False, log=logs.append), logs
+
+
+@pytest.mark.parametrize("batch_seconds", [0.004, 0.01])
+def test_a_budget_reserves_its_validations_and_calibration(monkeypatch, batch_seconds):
+  # validations (every tenth of the run, and a calibration's dozen at the end) were left to
+  # the plan's 10% slack: a 30 s budget on pypi-names trained 47 s. (Batches of 8: epochs
+  # longer than a tenth of the run.)
+  result, logs = _fit_with_slow_validations(monkeypatch, batch_seconds, batch_size=8)
   assert result["calibration"] is not None and result["config"]["shortcut"]
   assert result["steps"] == result["planned_steps"]
   assert 0.75 * 20.0 <= result["train_seconds"] <= 20.0 + 0.5
   assert not [line for line in logs if "warning" in line]
 
 
+def test_validations_before_the_plan_are_not_step_time(monkeypatch):
+  # with epochs of a few steps, validations fall in the window the step time is measured
+  # over: counted as step time, they made delicious plan 1,274 steps for 60 s, not 4,400
+  plans = []
+  for batch_seconds in (0.001, 0.02):
+    result, logs = _fit_with_slow_validations(monkeypatch, batch_seconds)
+    assert result["validation"]["history"][0]["step"] < result["steps"] // 10
+    plans.append([line.split(":")[1].split(",")[0] for line in logs if "steps planned" in line])
+  assert plans[0] == plans[1] and plans[0][0].endswith("ms per step")
+
+
 def test_a_budget_too_small_for_its_validations_warns(monkeypatch):
   trn, _ = _data(points=2000, labels=300)
-  clock = [0.0]
-
-  def now():
-    clock[0] += 0.01
-    return clock[0]
-
-  monkeypatch.setattr(_loop, "_now", now)
-  monkeypatch.setattr(_loop._Run, "validation_seconds", lambda self: 3.0)
+  _ticking_clock(monkeypatch)
+  monkeypatch.setattr(_loop._Run, "time_one_validation", lambda self: 3.0)
   logs = []
   train.fit(_sampled_config(epochs=200, time_budget=20.0), trn, None, progress=False,
             log=logs.append)

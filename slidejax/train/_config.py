@@ -144,7 +144,12 @@ def mesh_sizes(config: TrainConfig) -> dict[str, int]:
 
 def _check_mesh_options(config: TrainConfig) -> None:
   """What a run on a mesh needs: batches that split over ``data``, an active set that
-  splits over ``model``, and the options a layer of several blocks supports."""
+  splits over ``model``, the options a layer of several blocks supports, and (several
+  processes) a plan that does not hang on each process's own clock."""
+  import jax
+  if config.time_budget and jax.process_count() > 1:
+    raise TrainingError(f"--time-budget needs a single process ({jax.process_count()} run "
+                        f"here): each would plan its steps from its own clock; use --epochs")
   sizes = mesh_sizes(config)
   if config.batch_size != "auto" and config.batch_size % sizes["data"]:
     raise TrainingError(f"batch_size {config.batch_size} must be a multiple of the mesh's "

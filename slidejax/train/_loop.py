@@ -250,7 +250,7 @@ class _Run:
         "rebuild_seconds": 0.0, "history": [], "probes": [], "horizon": horizon,
         "plan_from": None, "early": list(_plan.EarlyStopping()), "validations": [],
         "best_saved": False, "calibration": None,
-        "validations_per_run": _plan.VALIDATIONS_PER_RUN}
+        "validations_per_run": _plan.VALIDATIONS_PER_RUN, "validation_seconds": 0.0}
     self.best = None
     self.last_checkpoint = None
     self.pending: list[tuple[int, jax.Array]] = []
@@ -273,16 +273,18 @@ class _Run:
     pos, budget = self.position, self.config.time_budget
     if not budget or self.horizon is not None:
       return
+    spent = [pos["train_seconds"], pos["rebuild_seconds"], pos["validation_seconds"]]
     if pos["plan_from"] is None:
-      pos["plan_from"] = [pos["step"], pos["train_seconds"], pos["rebuild_seconds"]]
+      pos["plan_from"] = [pos["step"], *spent]
       return
-    # the steps' own time: the first table rebuilds (their compilation included) fall in
-    # this window and would make a short budget plan a fraction of the steps it buys
-    start_step, start_seconds, start_rebuild = (*pos["plan_from"], pos["rebuild_seconds"])[:3]
-    steps = pos["step"] - start_step
-    seconds = (pos["train_seconds"] - start_seconds) - (pos["rebuild_seconds"] - start_rebuild)
+    # the steps' own time: the first table rebuilds and validations (their compilation
+    # included) fall in this window and would make a short budget plan a fraction of the
+    # steps it buys (a checkpoint of before validations were left out lacks their start)
+    start = [*pos["plan_from"], *spent[len(pos["plan_from"]) - 1:]]
+    steps = pos["step"] - start[0]
+    seconds = (spent[0] - start[1]) - (spent[1] - start[2]) - (spent[2] - start[3])
     if steps >= _plan.PLAN_MIN_STEPS and seconds >= _plan.PLAN_SHARE * budget:
-      validation, ends = self.validation_seconds(), self.end_validations()
+      validation, ends = self.time_one_validation(), self.end_validations()
       bought, per_run = _plan.budget_steps(
           budget, pos["train_seconds"], pos["step"], seconds / steps,
           validation_seconds=validation, end_validations=ends,
@@ -314,7 +316,7 @@ class _Run:
         calibrate=c.calibrate != "none" and not (c.dense and not c.shortcut),
         shortcut=bool(c.shortcut), sampled=not c.dense)
 
-  def validation_seconds(self) -> float:
+  def time_one_validation(self) -> float:
     """The seconds of one validation pass, from a few batches timed after one that compiles
     (0 without a validation split)."""
     if self.held is None:
@@ -539,7 +541,9 @@ def _train_epochs(run: _Run, bar, probe, interrupted: list, rebuilding: list):
         position["rebuilds"] += 1
         position["rebuild_seconds"] += _now() - r0
       if validate:
+        v0 = _now()
         stop = run.validate()
+        position["validation_seconds"] += _now() - v0
       position["train_seconds"] += _now() - t0
       if evaluate:
         result = run.evaluate(run.test, points=config.eval_points)
