@@ -307,14 +307,17 @@ class _Run:
                f"the {rest:.0f} s left{overrun} (a larger --time-budget or a smaller "
                f"--validation share leaves more to the steps)")
 
+  def calibrates(self) -> bool:
+    """Whether the run ends with :func:`slidejax.train.calibrate` (``--calibrate``)."""
+    c = self.config
+    return self.held is not None and c.calibrate != "none" and not (c.dense and not c.shortcut)
+
   def end_validations(self) -> int:
     """The validation passes after the last step at most (see ``_plan.end_validations``)."""
-    c = self.config
     if self.held is None:
       return 0
-    return _plan.end_validations(
-        calibrate=c.calibrate != "none" and not (c.dense and not c.shortcut),
-        shortcut=bool(c.shortcut), sampled=not c.dense)
+    return _plan.end_validations(calibrate=self.calibrates(), shortcut=bool(self.config.shortcut),
+                                 sampled=not self.config.dense)
 
   def time_one_validation(self) -> float:
     """The seconds of one validation pass, from a few batches timed after one that compiles
@@ -395,8 +398,7 @@ class _Run:
     trainer's compiled predictions (see ``--calibrate``); the kept best model gets the same
     changes."""
     pos, config = self.position, self.config
-    if (self.held is None or config.calibrate == "none" or pos.get("calibration") is not None
-        or (config.dense and not config.shortcut)):
+    if not self.calibrates() or pos.get("calibration") is not None:
       return
     model, optimizer = nnx.merge(self.trainer.graphdef, self.trainer.state)
 

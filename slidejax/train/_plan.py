@@ -57,8 +57,9 @@ PLAN_SLACK = 0.1
 VALIDATIONS_PER_RUN = 10
 # A budget's validations and calibration are timed when it is planned (one validation pass,
 # over at most PLAN_VALIDATION_BATCHES batches, after one that compiles) and reserved beside
-# the steps; when they would take more than PLAN_SLACK of the rest, a run makes fewer
-# validations (down to one) so that they take at most PLAN_VALIDATION_SHARE of it.
+# the steps: what they need beyond half of PLAN_SLACK comes out of the steps, and when they
+# would take more than PLAN_VALIDATION_SHARE of the rest, a run makes fewer validations
+# (down to one).
 PLAN_VALIDATION_BATCHES = 4
 PLAN_VALIDATION_SHARE = 0.25
 SCHEDULES = ("cosine", "linear", "constant")
