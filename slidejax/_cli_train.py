@@ -31,6 +31,12 @@ def add_parser(subparsers) -> None:
                       "(default: 0)")
   p.add_argument("--residual", action="store_true", default=None,
                  help="add a residual block h + relu(W h + b) after the embedding")
+  p.add_argument("--members", type=_auto_or(int), metavar="M|auto",
+                 help="networks trained one after the other, member i with seed --seed + i "
+                      "(its own validation split) and 1/M of --time-budget, saved as one model "
+                      "that ranks by the mean of their logits; needs a dense output layer "
+                      "without a shortcut, residual block or mesh; auto: 3 there with a "
+                      "validation split, else 1 (default: auto)")
   p.add_argument("--shortcut", type=_auto_or(int), metavar="N|auto",
                  help="each input feature adds to the scores of the N labels it co-occurs "
                       "with most in the training rows, in proportion to how often (one "
@@ -179,7 +185,8 @@ def load_data(args):
 
 
 # TrainConfig fields set by flags of the same name (None: not given, TrainConfig's default)
-CONFIG_FLAGS = ("hidden", "dropout", "weight_decay", "residual", "shortcut", "output_init",
+CONFIG_FLAGS = ("hidden", "dropout", "weight_decay", "residual", "members", "shortcut",
+                "output_init",
                 "loss", "num_active", "mode", "sampler", "batch_size", "lr", "schedule", "epochs",
                 "validation", "patience", "time_budget", "eval_every", "eval_points", "seed",
                 "max_features", "max_labels", "dense", "builder", "checkpoint_every",

@@ -31,6 +31,8 @@ BUILDERS = {
     "unigram": lambda: _slide(sampler="unigram",
                               label_counts=np.arange(NUM_LABELS, dtype=np.float32) ** 2),
     "dense": lambda: nn.DenseMLP(NUM_FEATURES, NUM_LABELS, hidden=HIDDEN, rngs=nnx.Rngs(3)),
+    "ensemble": lambda: nn.DenseMLP(NUM_FEATURES, NUM_LABELS, hidden=HIDDEN, members=3,
+                                    rngs=nnx.Rngs(3)),
 }
 
 
@@ -83,7 +85,7 @@ def test_round_trip_is_exact(kind, tmp_path):
     for got, want in zip(loaded.top_k(ids, values, 5, exact=exact),
                          model.top_k(ids, values, 5, exact=exact)):
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  if kind == "dense":
+  if kind in ("dense", "ensemble"):
     np.testing.assert_array_equal(loaded(ids, values), model(ids, values))
   else:
     key = jax.random.key(7)

@@ -161,7 +161,7 @@ def test_trainer_sets_an_injected_learning_rate():
 def _overfitting_config(**kw):
   # a large learning rate on few rows: the validation score peaks early and then falls
   base = dict(hidden=64, lr=0.05, batch_size=32, epochs=40, validation=0.3, patience=4,
-              schedule="constant", output_init="fan_in")
+              schedule="constant", output_init="fan_in", members=1)
   return train.TrainConfig(**{**base, **kw})
 
 
@@ -189,7 +189,7 @@ def test_time_budget_is_planned_as_steps_with_a_fake_clock(monkeypatch):
   clock = itertools.count()
   monkeypatch.setattr(_loop, "_now", lambda: next(clock) * 0.01)   # 10 ms per reading
   config = train.TrainConfig(hidden=16, epochs=200, validation=0.1, patience=1000,
-                             time_budget=20.0, batch_size=32)
+                             time_budget=20.0, batch_size=32, members=1)
   result = train.fit(config, trn, tst, progress=False, log=lambda m: None)
   planned = result["planned_steps"]
   assert planned is not None and planned < 200 * 26      # the budget, not the epochs, binds
@@ -202,7 +202,7 @@ def test_a_budget_that_buys_every_epoch_trains_alike_whatever_the_clock(monkeypa
   # the rates were constant, so two runs planned at different steps trained differently
   trn, tst = _data(points=600)
   config = train.TrainConfig(hidden=16, epochs=6, validation=0.1, patience=1000,
-                             time_budget=20.0, batch_size=32)
+                             time_budget=20.0, batch_size=32, members=1)
   params, logs = [], []
   for tick in (0.01, 0.03):   # the plan comes three times sooner in steps on the slow clock
     clock = itertools.count()

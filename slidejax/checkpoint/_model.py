@@ -338,7 +338,12 @@ def _constructor(path: pathlib.Path, spec: dict | None):
                output_init=str(spec.get("output_init", "small")),
                shortcut=shortcut)
   if cls == "DenseMLP":
-    return lambda: DenseMLP(num_features, num_labels, rngs=nnx.Rngs(0), **trunk)
+    members = spec.get("members", 1)   # absent: one network
+    if not isinstance(members, int) or isinstance(members, bool) or members < 1:
+      raise ModelFileError(f"{path}: spec field 'members' must be a positive integer, got "
+                           f"{members!r}")
+    return lambda: DenseMLP(num_features, num_labels, rngs=nnx.Rngs(0), members=members,
+                            **trunk)
   if cls != "SlideMLP":
     raise ModelFileError(f"{path}: unknown model class {cls!r} (known: SlideMLP, DenseMLP); "
                          "pass model= to load it")

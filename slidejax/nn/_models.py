@@ -9,6 +9,7 @@ from slidejax.nn._functional import softmax_cross_entropy
 from slidejax.nn._functional import target_distribution
 from slidejax.nn._functional import top_k_chunked
 from slidejax.nn._init import lecun_rows
+from slidejax.nn._init import row_chunked
 from slidejax.nn._shortcut import LabelShortcut
 from slidejax.nn._slide_dense import SlideDense
 from slidejax.nn._slide_dense import SlideOutput
@@ -35,15 +36,24 @@ class _Trunk(nnx.Module):
   :func:`slidejax.data.label_links`; a loaded model gets its links from the file)."""
 
   def _init_trunk(self, num_features: int, num_labels: int, hidden: int, dropout: float,
-                  residual: bool, shortcut: int, links, rngs: nnx.Rngs) -> dict:
+                  residual: bool, shortcut: int, links, rngs: nnx.Rngs,
+                  members: int = 1) -> dict:
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if hidden <= 0 or num_features <= 0 or num_labels <= 0:
       raise ValueError(f"sizes must be positive, got num_features={num_features}, "
                        f"num_labels={num_labels}, hidden={hidden}")
+    if not isinstance(members, int) or isinstance(members, bool) or members < 1:
+      raise ValueError(f"members must be a positive integer, got {members!r}")
+    if members > 1 and residual:
+      raise ValueError("a residual block would mix the members' embeddings: use members=1")
     self.num_features = num_features
     self.num_labels = num_labels
-    self.embed = SparseInput(num_features, hidden, rngs=rngs)
+    self.members = members
+    # members > 1: one embedding per member side by side, each drawn as a lone one would be
+    embed_init = (row_chunked(nnx.initializers.normal(stddev=0.1 / hidden ** 0.5))
+                  if members > 1 else None)
+    self.embed = SparseInput(num_features, hidden * members, kernel_init=embed_init, rngs=rngs)
     self.block = nnx.Linear(hidden, hidden, rngs=rngs) if residual else nnx.data(None)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else nnx.data(None)
     if shortcut < 0 or (links is not None and not shortcut):
@@ -51,8 +61,9 @@ class _Trunk(nnx.Module):
                        f"need one), got {shortcut}")
     self.shortcut = (LabelShortcut(num_features, shortcut, num_labels, links=links)
                      if shortcut else nnx.data(None))
-    return {"num_features": num_features, "num_labels": num_labels, "hidden": hidden,
+    spec = {"num_features": num_features, "num_labels": num_labels, "hidden": hidden,
             "dropout": float(dropout), "residual": bool(residual), "shortcut": int(shortcut)}
+    return {**spec, "members": members} if members > 1 else spec
 
   def _shortcut_scores(self, feature_ids, feature_values):
     """The shortcut's (label ids, scores) ``[B, E]`` for ``top_k``, or None without one."""
@@ -61,7 +72,8 @@ class _Trunk(nnx.Module):
     return self.shortcut(feature_ids, feature_values)
 
   def hidden(self, feature_ids: jax.Array, feature_values: jax.Array) -> jax.Array:
-    """``[B, F]`` ids and values -> float32 ``[B, hidden]`` (no dropout: for predictions)."""
+    """``[B, F]`` ids and values -> float32 ``[B, hidden * members]`` (no dropout: for
+    predictions)."""
     return self._hidden(feature_ids, feature_values, training=False)
 
   def _hidden(self, feature_ids, feature_values, *, training: bool) -> jax.Array:
@@ -171,32 +183,74 @@ class DenseMLP(_Trunk):
 
   The output kernel is stored ``[num_labels, hidden]`` (one row per label, like SlideDense),
   so a trained dense model and a SLIDE model are interchangeable for inference.
+
+  ``members`` > 1: an ensemble of that many networks of width ``hidden`` (own embedding, own
+  output rows; the output bias shared), as :meth:`from_members` puts trained ones together
+  (``fit`` trains each on its own validation split). A training call returns their logits
+  ``[members, B, N]``, each for its own softmax (``train_step`` averages the members'
+  losses). Predictions rank by the mean of the members' logits, which ranks as the mean of
+  their log-probabilities does: one network of width ``hidden * members`` (kernel
+  ``[num_labels, hidden * members]``) with its hidden units scaled by ``1 / members``.
   """
 
   def __init__(self, num_features: int, num_labels: int, *, hidden: int = 128,
                dropout: float = 0.0, residual: bool = False, output_init: str = "small",
-               shortcut: int = 0, links=None, rngs: nnx.Rngs):
+               shortcut: int = 0, links=None, members: int = 1, rngs: nnx.Rngs):
     trunk = self._init_trunk(num_features, num_labels, hidden, dropout, residual, shortcut,
-                             links, rngs)
+                             links, rngs, members)
     init = output_initializer(output_init, num_labels, hidden)
-    self.kernel = nnx.Param(init(rngs.params(), (num_labels, hidden)))
+    self.kernel = nnx.Param(init(rngs.params(), (num_labels, hidden * members)))
     self.bias = nnx.Param(jnp.zeros((num_labels,), jnp.float32))
     self.spec = {"class": "DenseMLP", **trunk, "output_init": output_init}
 
   def __call__(self, feature_ids: jax.Array, feature_values: jax.Array, *,
                labels: jax.Array | None = None) -> jax.Array:
-    """Full logits float32 ``[B, num_labels]`` (``labels`` accepted for a common call with
-    :class:`SlideMLP`, and unused: every label is computed)."""
+    """Full logits float32 ``[B, num_labels]``, ``[members, B, num_labels]`` with members > 1
+    (``labels`` accepted for a common call with :class:`SlideMLP`, and unused: every label is
+    computed)."""
     del labels
     h = self._hidden(feature_ids, feature_values, training=True)
-    logits = h @ self.kernel[...].T + self.bias[...]
+    if self.members == 1:
+      logits = h @ self.kernel[...].T + self.bias[...]
+    else:
+      per_member = h.reshape(h.shape[0], self.members, -1)
+      kernel = self.kernel[...].reshape(self.num_labels, self.members, -1)
+      logits = jnp.einsum("bmh,nmh->mbn", per_member, kernel) + self.bias[...]
     if self.shortcut is None:
       return logits
-    return self.shortcut.add_to(logits, None, feature_ids, feature_values)
+    add = lambda z: self.shortcut.add_to(z, None, feature_ids, feature_values)  # noqa: E731
+    return add(logits) if self.members == 1 else jnp.stack([add(z) for z in logits])
+
+  @classmethod
+  def from_members(cls, models: list["DenseMLP"]) -> "DenseMLP":
+    """The ensemble of trained one-member ``models`` of one shape (no shortcut or residual
+    block): their embeddings and output rows side by side, the mean of their output biases
+    (so its logits are the mean of theirs). One model is returned as it is."""
+    if len(models) == 1:
+      return models[0]
+    first = models[0]
+    for model in models:
+      if (model.members != 1 or model.shortcut is not None or model.block is not None
+          or model.kernel.shape != first.kernel.shape
+          or model.embed.kernel.shape != first.embed.kernel.shape):
+        raise ValueError("from_members takes one-member DenseMLPs of one shape, without a "
+                         "shortcut or residual block")
+    spec = first.spec
+    ensemble = cls(first.num_features, first.num_labels, hidden=spec["hidden"],
+                   dropout=spec["dropout"], output_init=spec["output_init"],
+                   members=len(models), rngs=nnx.Rngs(0))
+    side_by_side = lambda get: jnp.concatenate([get(m) for m in models], axis=1)  # noqa: E731
+    ensemble.embed.kernel[...] = side_by_side(lambda m: m.embed.kernel[...])
+    ensemble.embed.bias[...] = jnp.concatenate([m.embed.bias[...] for m in models])
+    ensemble.kernel[...] = side_by_side(lambda m: m.kernel[...])
+    ensemble.bias[...] = jnp.mean(jnp.stack([m.bias[...] for m in models]), axis=0)
+    return ensemble
 
   def top_k(self, feature_ids: jax.Array, feature_values: jax.Array, k: int, *,
             exact: bool = True) -> tuple[jax.Array, jax.Array]:
     del exact  # always exact
-    return top_k_chunked(self.hidden(feature_ids, feature_values), self.kernel[...],
-                         self.bias[...], k,
+    h = self.hidden(feature_ids, feature_values)
+    if self.members > 1:   # the mean of the members' logits
+      h = h / self.members
+    return top_k_chunked(h, self.kernel[...], self.bias[...], k,
                          extra=self._shortcut_scores(feature_ids, feature_values))

@@ -32,12 +32,14 @@ class TrainConfig:
   ``slidejax.train._plan``): ``num_active`` (dense below a label count), ``shortcut``
   (with a sparse output layer of one block), ``epochs`` (an upper
   bound, with early stopping on a validation split), ``validation`` (the share of training
-  rows held out; 0 without ``epochs="auto"``).
+  rows held out; 0 without ``epochs="auto"``), ``members`` (3 networks, each on its own split,
+  with a dense output layer and a validation split; else 1).
   """
   hidden: int = 512             # embedding width
   dropout: float | str = "auto"   # on the embedding, training calls only
   weight_decay: float = 0.0    # AdamW's decoupled decay (rows: when touched)
   residual: bool = False       # a residual block h + relu(W h + b) after the embedding
+  members: int | str = "auto"   # networks, each on its own validation split; mean logits
   shortcut: int | str = "auto"   # labels per feature of a LabelShortcut (0: none)
   output_init: str = "small"   # or "fan_in" (std 1/sqrt(hidden))
   hash: str = "simhash"
@@ -81,7 +83,8 @@ class TrainConfig:
                             # on the validation split (see _plan); "none": neither
 
   # Fields that shape the model, its state and the run's plan: a checkpoint must agree.
-  STATE_FIELDS = ("hidden", "dropout", "weight_decay", "residual", "shortcut", "output_init",
+  STATE_FIELDS = ("hidden", "dropout", "weight_decay", "residual", "members", "shortcut",
+                  "output_init",
                   "hash", "k",
                   "l", "bucket_capacity", "range_bits", "num_active", "policy", "mode",
                   "batch_size", "max_features", "max_labels", "dense", "seed", "lr",
@@ -221,6 +224,8 @@ def check_options(config: TrainConfig) -> None:
       _positive(value, name, integer=True)
   if config.shortcut != "auto":
     _positive(config.shortcut, "shortcut", integer=True, zero=True)
+  if config.members != "auto":
+    _positive(config.members, "members", integer=True)
   if config.validation != "auto":
     _share(config.validation, "validation", high=0.5)
   for name, choices in _CHOICES.items():
@@ -274,6 +279,7 @@ def resolve_config(config: TrainConfig, train: xcdata.XCData) -> tuple[TrainConf
       rows = min(high, max(low, round(train.num_points * _plan.AUTO_VALIDATION)))
       rows = min(rows, train.num_points // 5)
     config = dataclasses.replace(config, validation=round(rows / train.num_points, 6))
+  config = _resolve_members(config, notes)
   if config.epochs == "auto":
     kept = train.num_points - _plan.validation_rows(train.num_points, config.validation)
     epochs = _plan.auto_epochs(math.ceil(kept / config.batch_size), config.batch_size,
@@ -281,3 +287,24 @@ def resolve_config(config: TrainConfig, train: xcdata.XCData) -> tuple[TrainConf
     config = dataclasses.replace(config, epochs=epochs)
     notes["epochs"] = f"at most {epochs}, early stopping on the validation split"
   return config, notes
+
+
+def _resolve_members(config: TrainConfig, notes: dict) -> TrainConfig:
+  """``members`` resolved (after ``dense``, ``shortcut`` and ``validation``): auto is
+  ``_plan.AUTO_MEMBERS`` for a dense output layer with a validation split (each member holds
+  out its own rows) and no shortcut, residual block or mesh; else 1. More than one member
+  elsewhere is refused."""
+  unfit = [why for why, bad in (("a sparse output layer", not config.dense),
+                                ("a shortcut", bool(config.shortcut)),
+                                ("a residual block", config.residual),
+                                ("a mesh", bool(config.mesh))) if bad]
+  if config.members == "auto":
+    members = 1 if unfit or not config.validation else _plan.AUTO_MEMBERS
+    reason = (unfit[0] if unfit else "no validation split") if members == 1 else \
+        "a dense output layer, each member on its own validation split"
+    notes["members"] = f"{members} ({reason})"
+    return dataclasses.replace(config, members=members)
+  if config.members > 1 and unfit:
+    raise TrainingError(f"members={config.members} cannot have {unfit[0]} (members need a "
+                        f"dense output layer, without a shortcut, residual block or mesh)")
+  return config

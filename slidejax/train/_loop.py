@@ -55,7 +55,7 @@ def build_model(config: TrainConfig, num_features: int, num_labels: int,
   trunk = dict(hidden=config.hidden, dropout=config.dropout, residual=config.residual,
                output_init=config.output_init, shortcut=config.shortcut, links=links)
   if config.dense:
-    return DenseMLP(num_features, num_labels, rngs=rngs, **trunk)
+    return DenseMLP(num_features, num_labels, rngs=rngs, members=config.members, **trunk)
   sampling = dict(sampler=config.sampler, backend=config.builder, policy=config.policy,
                   threshold=config.threshold, uniform_share=config.uniform_share,
                   correction=config.correction, transform=config.transform,
@@ -195,7 +195,12 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
   Every step is :func:`slidejax.train.train_step` (the public ``value_and_grad`` and
   ``Optimizer`` path) through a :class:`Trainer`; with ``config.mesh`` ("data=D,model=S") the
   output layer is built in ``S`` blocks and the trainer lays the run out on that mesh
-  (:mod:`slidejax.distributed`; several processes: every process calls ``fit`` alike). Returns a dictionary with ``p@1``, ``p@3``,
+  (:mod:`slidejax.distributed`; several processes: every process calls ``fit`` alike). With
+  ``config.members`` > 1 (auto: 3 with a dense output layer and a validation split) it trains
+  that many networks so, member ``i`` with seed ``seed + i`` (its own split, early stopping and
+  best model) and ``1 / members`` of the time budget, and returns their ensemble
+  (:meth:`slidejax.nn.DenseMLP.from_members`; see ``slidejax.train._members``). Returns a
+  dictionary with ``p@1``, ``p@3``,
   ``p@5``, ``ndcg@5``, ``psp@5`` (on ``test``), ``train_seconds``, ``samples_per_second``,
   ``steps``, ``planned_steps``, ``rebuilds``, ``rebuild_seconds``, ``history``
   (``{seconds, step, p@1}`` per test evaluation), ``validation`` (rows, seed, best step and
@@ -203,13 +208,32 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
   output layer and a validation split: the ``tau`` of the bias shift ``--calibrate`` chose
   and the validation scores before and after; else None), ``probes`` (selection telemetry,
   see :func:`slidejax.nn.selection_probe`), ``auto`` (what each ``auto`` option became),
-  ``config`` (resolved), ``truncation``, ``checkpoint`` and ``model`` (the trained model).
+  ``config`` (resolved), ``truncation``, ``checkpoint`` and ``model`` (the trained model); with
+  members, ``validation`` holds each member's and ``members`` each one's seed, steps, seconds
+  and validation.
   Raises TrainingError (bad input), CheckpointError, TrainingDiverged (NaN/inf loss).
   """
   validate(config, train, test)
   config, notes = resolve_config(config, train)
   for name, note in notes.items():
     log(f"--{name.replace('_', '-')} auto: {note}")
+  if resume and not checkpoint_dir:
+    raise TrainingError("--resume needs --checkpoint DIR")
+  options = dict(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                 keep_checkpoints=keep_checkpoints, log=log)
+  if config.members > 1:
+    from slidejax.train._members import fit_members
+    result = fit_members(config, train, test, **options)
+  else:
+    result = _fit_resolved(config, train, test, **options)
+  result["auto"] = notes
+  return result
+
+
+def _fit_resolved(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None, *,
+                  checkpoint_dir, resume: bool, progress: bool, keep_checkpoints: int,
+                  log) -> dict:
+  """``fit`` of one network, ``config`` resolved."""
   held_rows = _plan.validation_rows(train.num_points, config.validation)
   part, held = _plan.split_validation(train, held_rows, config.seed)
   if held is not None:
@@ -222,18 +246,16 @@ def fit(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData | None = 
   if not config.dense and config.mode == "per_sample" and max_labels > config.num_active:
     raise TrainingError(f"max_labels={max_labels} exceeds num_active={config.num_active}")
   config = dataclasses.replace(config, max_features=max_features, max_labels=max_labels)
-  if resume and not checkpoint_dir:
-    raise TrainingError("--resume needs --checkpoint DIR")
   checkpoints = (TrainingCheckpoints(checkpoint_dir, keep=keep_checkpoints)
                  if checkpoint_dir else None)
   try:
-    result = _fit(config, part, held, test, checkpoints, resume=resume, progress=progress,
-                  log=log, propensity_source=train)
+    return _fit(config, part, held, test, checkpoints, resume=resume, progress=progress,
+                log=log, propensity_source=train)
   finally:
     if checkpoints is not None:
       checkpoints.close()
-  result["auto"] = notes
-  return result
+
+
 class _Run:
   """The state of one ``fit``: trainer, loop position (what a checkpoint stores beside the
   arrays), the best model so far, and the eager work between steps."""
@@ -249,7 +271,7 @@ class _Run:
         "step": 0, "epoch": 0, "batch_index": 0, "train_seconds": 0.0, "rebuilds": 0,
         "rebuild_seconds": 0.0, "history": [], "probes": [], "horizon": horizon,
         "plan_from": None, "early": list(_plan.EarlyStopping()), "validations": [],
-        "best_saved": False, "calibration": None,
+        "best_saved": False, "calibration": None, "finished": False,
         "validations_per_run": _plan.VALIDATIONS_PER_RUN, "validation_seconds": 0.0}
     self.best = None
     self.last_checkpoint = None
@@ -380,6 +402,11 @@ class _Run:
       self.best = _copy_model_state(self.trainer)
     return early.stale >= self.config.patience
 
+  def stopped_early(self) -> bool:
+    """Whether early stopping has ended the run (``patience`` validations without a best)."""
+    return (self.held is not None
+            and _plan.EarlyStopping(*self.position["early"]).stale >= self.config.patience)
+
   def keep_best(self) -> None:
     """At the end: validates the last state if it was not, and restores the best one."""
     pos = self.position
@@ -456,6 +483,9 @@ def _fit(config: TrainConfig, train: xcdata.XCData, held: xcdata.XCData | None,
   if resume:
     run.resume()
   position = run.position
+  if position.get("finished") and run.stopped_early():   # (more epochs would not train)
+    log("resumed a run that early stopping had ended: its results, no further steps")
+    return _results(run, None, propensity_source)
   bar = None
   if progress:
     from tqdm.auto import tqdm
@@ -498,6 +528,7 @@ def _fit(config: TrainConfig, train: xcdata.XCData, held: xcdata.XCData | None,
   run.keep_best()
   run.calibrate()
   position["train_seconds"] += _now() - t0
+  position["finished"] = True
   run.save("end")
   return _results(run, truncation, propensity_source)
 
