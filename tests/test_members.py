@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import slidejax
 from slidejax import data as xcdata
 from slidejax import nn
 from slidejax import train
@@ -112,6 +113,9 @@ def test_fit_with_members_is_the_ensemble_of_fits_with_their_seeds(tmp_path):
                     checkpoint_dir=str(tmp_path / "run"), resume=True, **quiet)
   np.testing.assert_array_equal(_top(again["model"], tst, width), _top(both["model"], tst, width))
   assert again["p@1"] == both["p@1"] and again["steps"] == both["steps"]
+  with pytest.raises(slidejax.checkpoint.CheckpointError, match="no member's checkpoint"):
+    train.fit(train.TrainConfig(members=2, seed=4, **CONFIG), trn, tst,
+              checkpoint_dir=str(tmp_path / "empty"), resume=True, **quiet)
 
 
 def test_members_auto_and_refusals():

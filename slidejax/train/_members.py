@@ -17,6 +17,7 @@ from flax import nnx
 
 from slidejax import data as xcdata
 from slidejax import metrics
+from slidejax.checkpoint import CheckpointError
 from slidejax.checkpoint import TrainingCheckpoints
 from slidejax.nn import DenseMLP
 from slidejax.train._config import TrainConfig
@@ -47,9 +48,12 @@ def fit_members(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData |
   their ensemble, with ``members``: each member's seed, steps, seconds and validation."""
   results = []
   budget = config.time_budget / config.members if config.time_budget else None
-  for index in range(config.members):
+  directories = [None if checkpoint_dir is None else pathlib.Path(checkpoint_dir) / f"member-{i}"
+                 for i in range(config.members)]
+  if resume and not any(_has_checkpoint(d) for d in directories):
+    raise CheckpointError(f"{checkpoint_dir}: no member's checkpoint to resume from")
+  for index, directory in enumerate(directories):
     member = member_config(config, index, budget)
-    directory = None if checkpoint_dir is None else pathlib.Path(checkpoint_dir) / f"member-{index}"
     tag = f"member {index + 1} of {config.members}"
     log(f"{tag}: seed {member.seed}" + (f", {budget:g} s of the budget" if budget else ""))
     results.append(_fit_resolved(
