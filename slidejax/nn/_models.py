@@ -186,11 +186,10 @@ class DenseMLP(_Trunk):
 
   ``members`` > 1: an ensemble of that many networks of width ``hidden`` (own embedding, own
   output rows; the output bias shared), as :meth:`from_members` puts trained ones together
-  (``fit`` trains each on its own validation split). A training call returns their logits
-  ``[members, B, N]``, each for its own softmax (``train_step`` averages the members'
-  losses). Predictions rank by the mean of the members' logits, which ranks as the mean of
-  their log-probabilities does: one network of width ``hidden * members`` (kernel
-  ``[num_labels, hidden * members]``) with its hidden units scaled by ``1 / members``.
+  (``fit`` trains each on its own validation split). It is one network of width
+  ``hidden * members`` (kernel ``[num_labels, hidden * members]``) with its hidden units
+  scaled by ``1 / members``: its logits are the mean of the members', which ranks as the mean
+  of their log-probabilities does.
   """
 
   def __init__(self, num_features: int, num_labels: int, *, hidden: int = 128,
@@ -205,21 +204,19 @@ class DenseMLP(_Trunk):
 
   def __call__(self, feature_ids: jax.Array, feature_values: jax.Array, *,
                labels: jax.Array | None = None) -> jax.Array:
-    """Full logits float32 ``[B, num_labels]``, ``[members, B, num_labels]`` with members > 1
-    (``labels`` accepted for a common call with :class:`SlideMLP`, and unused: every label is
-    computed)."""
+    """Full logits float32 ``[B, num_labels]`` (``labels`` accepted for a common call with
+    :class:`SlideMLP`, and unused: every label is computed)."""
     del labels
-    h = self._hidden(feature_ids, feature_values, training=True)
-    if self.members == 1:
-      logits = h @ self.kernel[...].T + self.bias[...]
-    else:
-      per_member = h.reshape(h.shape[0], self.members, -1)
-      kernel = self.kernel[...].reshape(self.num_labels, self.members, -1)
-      logits = jnp.einsum("bmh,nmh->mbn", per_member, kernel) + self.bias[...]
+    h = self._members_mean(self._hidden(feature_ids, feature_values, training=True))
+    logits = h @ self.kernel[...].T + self.bias[...]
     if self.shortcut is None:
       return logits
-    add = lambda z: self.shortcut.add_to(z, None, feature_ids, feature_values)  # noqa: E731
-    return add(logits) if self.members == 1 else jnp.stack([add(z) for z in logits])
+    return self.shortcut.add_to(logits, None, feature_ids, feature_values)
+
+  def _members_mean(self, h: jax.Array) -> jax.Array:
+    """Hidden units ``[B, hidden * members]`` scaled so that the output layer gives the mean
+    of the members' logits."""
+    return h if self.members == 1 else h / self.members
 
   @classmethod
   def from_members(cls, models: list["DenseMLP"]) -> "DenseMLP":
@@ -249,8 +246,6 @@ class DenseMLP(_Trunk):
   def top_k(self, feature_ids: jax.Array, feature_values: jax.Array, k: int, *,
             exact: bool = True) -> tuple[jax.Array, jax.Array]:
     del exact  # always exact
-    h = self.hidden(feature_ids, feature_values)
-    if self.members > 1:   # the mean of the members' logits
-      h = h / self.members
-    return top_k_chunked(h, self.kernel[...], self.bias[...], k,
+    return top_k_chunked(self._members_mean(self.hidden(feature_ids, feature_values)),
+                         self.kernel[...], self.bias[...], k,
                          extra=self._shortcut_scores(feature_ids, feature_values))

@@ -7,8 +7,8 @@ between steps: table rebuilds and predictions. ``fit``, the benchmarks and the e
 step through it.
 
 Model contract: ``model(feature_ids, feature_values, *, labels=) -> SlideOutput`` (sampled
-loss) or ``-> logits [B, N]`` (dense softmax; ``[M, B, N]`` for an ensemble of M), as
-:class:`slidejax.nn.SlideMLP` and :class:`slidejax.nn.DenseMLP`; ``model.top_k(feature_ids, feature_values, k, exact=)``.
+loss) or ``-> logits [B, N]`` (dense softmax), as :class:`slidejax.nn.SlideMLP` and
+:class:`slidejax.nn.DenseMLP`; ``model.top_k(feature_ids, feature_values, k, exact=)``.
 """
 from __future__ import annotations
 
@@ -49,14 +49,9 @@ def batch_loss(model: nnx.Module, batch: TrainBatch,
                loss: Callable[..., jax.Array] = sampled_softmax_loss):
   """(loss, forced_dropped) of ``model`` on ``batch`` (padding rows weigh 0): ``loss`` over a
   ``SlideOutput``; full logits ``[B, N]`` (a dense model) are seen as a ``SlideOutput`` with
-  every neuron active, so the same ``loss`` (softmax or one-vs-all) applies to them; an
-  ensemble's logits ``[M, B, N]`` (``DenseMLP(members=M)``) get the mean of the members'."""
+  every neuron active, so the same ``loss`` (softmax or one-vs-all) applies to them."""
   weight = (batch.rows >= 0).astype(jnp.float32)
   out = model(batch.feature_ids, batch.feature_values, labels=batch.label_ids)
-  if not isinstance(out, SlideOutput) and out.ndim == 3:   # an ensemble's members [M, B, N]
-    values = jax.vmap(lambda logits: loss(every_neuron_active(logits, batch.label_ids),
-                                          weight))(out)
-    return jnp.mean(values), jnp.zeros((), jnp.int32)
   if not isinstance(out, SlideOutput):
     out = every_neuron_active(out, batch.label_ids)
   return loss(out, weight), out.forced_dropped
