@@ -323,8 +323,14 @@ def warmup_lsh_kernels() -> None:
   rows[:, :, 0] = 1
   forced = np.array([[0, -1], [2, 2]], np.int32)
   seeds = np.zeros(2, np.uint64)
+  # writable arrays, and read-only ones as np.asarray of a jax.Array passes them to a
+  # callback: each is its own Numba signature, compiled on first use (seconds, cold cache)
+  frozen_rows, frozen_forced = rows.copy(), forced.copy()
+  frozen_rows.setflags(write=False)
+  frozen_forced.setflags(write=False)
   for policy in POLICIES.values():
-    select_per_sample(rows, forced, forced[0], 5, 3, policy, 2, 0.0, seeds, 2)
-    select_shared(rows, forced, 5, 3, policy, 2, 0.0, np.uint64(0))
+    for r, f in ((rows, forced), (frozen_rows, frozen_forced)):
+      select_per_sample(r, f, f[0], 5, 3, policy, 2, 0.0, seeds, 2)
+      select_shared(r, f, 5, 3, policy, 2, 0.0, np.uint64(0))
   _tables.warmup()
   _codes.warmup()
