@@ -15,6 +15,7 @@ import numba as nb
 import numpy as np
 
 from hostops import _codes
+from hostops import _neighbours
 from hostops import _tables
 from hostops._tables import random_below
 
@@ -318,7 +319,8 @@ def _merge_sample_rankings(bucket_rows, num_neurons, seen, seed):
 
 
 def warmup_lsh_kernels() -> None:
-  """Compiles the LSH table and selection kernels on tiny inputs (cached on disk by Numba)."""
+  """Compiles the table, selection and neighbour kernels on tiny inputs (cached on disk by
+  Numba)."""
   rows = np.full((2, 2, 3), -1, np.int32)
   rows[:, :, 0] = 1
   forced = np.array([[0, -1], [2, 2]], np.int32)
@@ -334,3 +336,4 @@ def warmup_lsh_kernels() -> None:
       select_shared(r, f, 5, 3, policy, 2, 0.0, np.uint64(0))
   _tables.warmup()
   _codes.warmup()
+  _neighbours.warmup()

@@ -37,6 +37,12 @@ def add_parser(subparsers) -> None:
                       "that ranks by the mean of their logits; needs a dense output layer "
                       "without a shortcut, residual block or mesh; auto: 3 there with a "
                       "validation split, else 1 (default: auto)")
+  p.add_argument("--neighbours", type=_auto_or(int), metavar="K|auto",
+                 help="mix into predictions the labels of each query's K most similar "
+                      "training rows (cosine of the input), with a weight chosen on the "
+                      "validation split at the end (0 unless it scores better); 0: none; "
+                      "auto: K of 10, 30, 100 chosen there too, none without a validation "
+                      "split or on a mesh (default: auto)")
   p.add_argument("--shortcut", type=_auto_or(int), metavar="N|auto",
                  help="each input feature adds to the scores of the N labels it co-occurs "
                       "with most in the training rows, in proportion to how often (one "
@@ -185,7 +191,8 @@ def load_data(args):
 
 
 # TrainConfig fields set by flags of the same name (None: not given, TrainConfig's default)
-CONFIG_FLAGS = ("hidden", "dropout", "weight_decay", "residual", "members", "shortcut",
+CONFIG_FLAGS = ("hidden", "dropout", "weight_decay", "residual", "members", "neighbours",
+                "shortcut",
                 "output_init",
                 "loss", "num_active", "mode", "sampler", "batch_size", "lr", "schedule", "epochs",
                 "validation", "patience", "time_budget", "eval_every", "eval_points", "seed",

@@ -93,6 +93,14 @@ def test_fit_with_members_is_the_ensemble_of_fits_with_their_seeds(tmp_path):
   for member, single in zip(both["members"], alone):
     assert member["validation"]["best_step"] == single["validation"]["best_step"]
   combined = nn.DenseMLP.from_members([r["model"] for r in alone])
+  # the ensemble's votes: the median k and mean weight of the members' own choices
+  chosen = [r["neighbours"] for r in alone]
+  assert [m["neighbours"] for m in both["members"]] == chosen
+  voting = sorted(c["k"] for c in chosen if c["weight"])
+  assert both["neighbours"] == (None if not voting else {
+      "k": voting[len(voting) // 2], "weight": round(float(np.mean([c["weight"]
+                                                                    for c in chosen])), 6)})
+  train.attach_neighbours(combined, trn, both["neighbours"])
   width = both["config"]["max_features"]
   np.testing.assert_array_equal(_top(both["model"], tst, width), _top(combined, tst, width))
   assert both["steps"] == sum(r["steps"] for r in alone)

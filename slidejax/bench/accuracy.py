@@ -108,7 +108,8 @@ def run_slidejax(train_path: str, test_path: str, train: xcdata.XCData, test: xc
   predict_seconds = time.perf_counter() - t0
   return {**scored, "train_seconds": result["train_seconds"],
           "predict_seconds": predict_seconds, "steps": result["steps"],
-          "auto": result["auto"], "calibration": result["calibration"]}
+          "auto": result["auto"], "calibration": result["calibration"],
+          "neighbours": result["neighbours"]}
 
 
 RUNNERS: dict[str, Callable[..., dict]] = {

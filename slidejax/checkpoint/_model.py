@@ -319,12 +319,49 @@ def _int_field(path, spec: dict, name: str) -> int:
   return value
 
 
+def _with_neighbours(path: pathlib.Path, spec: dict, build):
+  """``build`` followed by an empty :class:`slidejax.nn.NeighbourVotes` of
+  ``spec["neighbours"]`` (absent: ``build`` itself)."""
+  from slidejax.nn import NeighbourVotes
+  votes = spec.get("neighbours")
+  if votes is None:
+    return build
+  if not isinstance(votes, dict):
+    raise ModelFileError(f"{path}: spec field 'neighbours' must be a JSON object")
+  sizes = {n: _int_field(path, votes, n) for n in ("k", "width", "max_list", "rows",
+                                                    "max_labels")}
+  for name in ("nnz", "label_entries"):
+    value = votes.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise ModelFileError(f"{path}: spec field 'neighbours.{name}' must be a non-negative "
+                           f"integer, got {value!r}")
+    sizes[name] = value
+  power = votes.get("power")
+  if not isinstance(power, (int, float)) or isinstance(power, bool) or not power > 0:
+    raise ModelFileError(f"{path}: spec field 'neighbours.power' must be a positive number, "
+                         f"got {power!r}")
+
+  def build_with_votes():
+    model = build()
+    model.set_neighbours(NeighbourVotes(model.num_features, model.num_labels, k=sizes["k"],
+                                        power=float(power), width=sizes["width"],
+                                        max_list=sizes["max_list"], sizes=sizes))
+    return model
+
+  return build_with_votes
+
+
 def _constructor(path: pathlib.Path, spec: dict | None):
   """A no-argument function building the library model of ``spec``."""
-  from slidejax.nn import DenseMLP
-  from slidejax.nn import SlideMLP
   if spec is None:
     raise ModelFileError(f"{path}: no spec (not a library model): pass model= to load it")
+  return _with_neighbours(path, spec, _model_constructor(path, spec))
+
+
+def _model_constructor(path: pathlib.Path, spec: dict):
+  """:func:`_constructor` without the neighbour votes."""
+  from slidejax.nn import DenseMLP
+  from slidejax.nn import SlideMLP
   cls = spec.get("class")
   sizes = [_int_field(path, spec, n) for n in ("num_features", "num_labels", "hidden")]
   num_features, num_labels, hidden = sizes

@@ -240,3 +240,24 @@ def select_shared(rows: jax.Array, forced: jax.Array, *, num_neurons: int, num_a
             jax.ShapeDtypeStruct((), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32))
   return jax.pure_callback(host, shapes, rows, forced, words, vmap_method=_VMAP_METHOD)
+
+
+def neighbour_votes(query_ids: jax.Array, query_values: jax.Array, *index: jax.Array,
+                    num_labels: int, k: int, power: float, width: int, max_list: int
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Host :func:`hostops.neighbour_votes` of queries ``[B, F]`` over ``index`` (its seven
+  arrays, from post_indptr to label_ids) -> (label ids int32 ``[B, width]``, votes float32
+  ``[B, width]``); see :class:`slidejax.nn.NeighbourVotes`."""
+  ops = _hostops()
+  import numba  # pylint: disable=import-outside-toplevel
+
+  @_serialized
+  def host(*arrays):
+    return ops.neighbour_votes(*(np.asarray(a) for a in arrays), num_labels, k, float(power),
+                               width, max_list, numba.get_num_threads())
+
+  batch = query_ids.shape[0]
+  shapes = (jax.ShapeDtypeStruct((batch, width), jnp.int32),
+            jax.ShapeDtypeStruct((batch, width), jnp.float32))
+  return jax.pure_callback(host, shapes, query_ids, query_values, *index,
+                           vmap_method=_VMAP_METHOD)

@@ -149,8 +149,8 @@ def per_sample_label_slots(active_ids: jax.Array, label_ids: jax.Array) -> jax.A
 
 
 def top_k_chunked(inputs: jax.Array, weights: jax.Array, bias: jax.Array, k: int,
-                  chunk_size: int = 65536, extra: tuple[jax.Array, jax.Array] | None = None
-                  ) -> tuple[jax.Array, jax.Array]:
+                  chunk_size: int = 65536, extra: tuple[jax.Array, jax.Array] | None = None,
+                  *, normalizer: bool = False):
   """Exact top-``k`` neurons over all ``N`` neurons with memory bounded by ``chunk_size``.
 
   Args:
@@ -160,8 +160,10 @@ def top_k_chunked(inputs: jax.Array, weights: jax.Array, bias: jax.Array, k: int
     extra: (ids int32 ``[B, E]``, -1 for none; scores float32 ``[B, E]``) added to those
       neurons' scores (a sample's repeated id: summed), as a
       :class:`slidejax.nn.LabelShortcut` gives them.
+    normalizer: also return each sample's log-sum-exp of all ``N`` scores.
   Returns:
-    (scores float32 ``[B, k]``, ids int32 ``[B, k]``), best first.
+    (scores float32 ``[B, k]``, ids int32 ``[B, k]``), best first; with ``normalizer``, and
+    float32 ``[B]``.
   """
   num_neurons = weights.shape[0]
   chunk_size = min(chunk_size, num_neurons)
@@ -169,6 +171,7 @@ def top_k_chunked(inputs: jax.Array, weights: jax.Array, bias: jax.Array, k: int
   num_chunks = -(-num_neurons // chunk_size)
   best_scores = jnp.full((inputs.shape[0], k), -jnp.inf, jnp.float32)
   best_ids = jnp.zeros((inputs.shape[0], k), jnp.int32)
+  log_total = jnp.full((inputs.shape[0],), -jnp.inf, jnp.float32)
   rows = jnp.arange(inputs.shape[0])[:, None]
   for c in range(num_chunks):  # static, few chunks; each compiles into one program
     start = c * chunk_size
@@ -179,9 +182,41 @@ def top_k_chunked(inputs: jax.Array, weights: jax.Array, bias: jax.Array, k: int
       inside = (ids >= start) & (ids < stop)
       scores = scores.at[rows, jnp.where(inside, ids - start, stop - start)].add(
           values, mode="drop")
+    if normalizer:
+      log_total = jnp.logaddexp(log_total, jax.nn.logsumexp(scores, axis=1))
     top_scores, top_pos = jax.lax.top_k(scores, min(k, stop - start))
     merged_scores = jnp.concatenate([best_scores, top_scores], axis=1)
     merged_ids = jnp.concatenate([best_ids, (top_pos + start).astype(jnp.int32)], axis=1)
     best_scores, pos = jax.lax.top_k(merged_scores, k)
     best_ids = jnp.take_along_axis(merged_ids, pos, axis=1)
+  if normalizer:
+    return best_scores, best_ids, log_total
   return best_scores, best_ids
+
+
+def mix_votes(scores: jax.Array, ids: jax.Array, log_total: jax.Array, vote_ids: jax.Array,
+              votes: jax.Array, weight: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Top-``k`` of ``(1 - weight) * softmax + weight * votes`` per sample.
+
+  Args:
+    scores, ids: a model's top ``M`` logits and label ids ``[B, M]`` (score ``-inf`` for
+      none), as ``top_k`` gives them; log_total: float32 ``[B]``, the log-sum-exp of every
+      logit (the softmax's normaliser).
+    vote_ids, votes: ``[B, W]`` labels (-1 for none) and their votes (summing to at most 1),
+      as :class:`slidejax.nn.NeighbourVotes` gives them.
+    weight: float32 scalar in ``[0, 1]``.
+  Returns:
+    (mixed probabilities float32 ``[B, k]``, ids int32 ``[B, k]``), best first. A voted label
+    outside the model's top ``M`` counts with its votes alone (its probability, below the
+    ``M``-th, is left out).
+  """
+  probs = jnp.exp(scores - log_total[:, None])
+  same = (vote_ids[:, :, None] == ids[:, None, :]) & (vote_ids[:, :, None] >= 0)   # [B, W, M]
+  model_part = (1 - weight) * probs + weight * jnp.einsum("bw,bwm->bm", votes,
+                                                          same.astype(votes.dtype))
+  alone = (vote_ids >= 0) & ~jnp.any(same, axis=2)
+  vote_part = jnp.where(alone, weight * votes, -jnp.inf)
+  mixed = jnp.concatenate([jnp.where(jnp.isfinite(scores), model_part, -jnp.inf), vote_part],
+                          axis=1)
+  best, pos = jax.lax.top_k(mixed, k)
+  return best, jnp.take_along_axis(jnp.concatenate([ids, vote_ids], axis=1), pos, axis=1)

@@ -5,11 +5,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from slidejax.nn._functional import mix_votes
 from slidejax.nn._functional import softmax_cross_entropy
 from slidejax.nn._functional import target_distribution
 from slidejax.nn._functional import top_k_chunked
 from slidejax.nn._init import lecun_rows
 from slidejax.nn._init import row_chunked
+from slidejax.nn._neighbours import NeighbourVotes
 from slidejax.nn._shortcut import LabelShortcut
 from slidejax.nn._slide_dense import SlideDense
 from slidejax.nn._slide_dense import SlideOutput
@@ -61,9 +63,31 @@ class _Trunk(nnx.Module):
                        f"need one), got {shortcut}")
     self.shortcut = (LabelShortcut(num_features, shortcut, num_labels, links=links)
                      if shortcut else nnx.data(None))
+    self.neighbours = nnx.data(None)
     spec = {"num_features": num_features, "num_labels": num_labels, "hidden": hidden,
             "dropout": float(dropout), "residual": bool(residual), "shortcut": int(shortcut)}
     return {**spec, "members": members} if members > 1 else spec
+
+  def set_neighbours(self, votes: NeighbourVotes | None) -> None:
+    """Mixes ``votes`` (or, None, no votes) into :meth:`top_k`'s predictions from now on
+    (``spec["neighbours"]`` records it for :func:`slidejax.save`)."""
+    if votes is not None and (votes.num_features != self.num_features
+                              or votes.num_labels != self.num_labels):
+      raise ValueError(f"set_neighbours: votes over {votes.num_features} features and "
+                       f"{votes.num_labels} labels do not fit a model of {self.num_features} "
+                       f"and {self.num_labels}")
+    self.neighbours = votes if votes is not None else nnx.data(None)
+    self.spec = {n: v for n, v in self.spec.items() if n != "neighbours"}
+    if votes is not None:
+      self.spec["neighbours"] = dict(votes.spec)
+
+  def _mixed_top_k(self, feature_ids, feature_values, k: int, exact: bool):
+    """:meth:`top_k` with :attr:`neighbours`: the model's own top ``k + width``
+    (:meth:`ranked`) mixed with the votes (:func:`mix_votes`)."""
+    scores, ids, log_total = self.ranked(feature_ids, feature_values,
+                                         k + self.neighbours.width, exact=exact)
+    vote_ids, votes = self.neighbours(feature_ids, feature_values)
+    return mix_votes(scores, ids, log_total, vote_ids, votes, self.neighbours.weight[...], k)
 
   def _shortcut_scores(self, feature_ids, feature_values):
     """The shortcut's (label ids, scores) ``[B, E]`` for ``top_k``, or None without one."""
@@ -131,9 +155,13 @@ class SlideMLP(_Trunk):
   def top_k(self, feature_ids: jax.Array, feature_values: jax.Array, k: int, *,
             exact: bool = True) -> tuple[jax.Array, jax.Array]:
     """Top-``k`` labels: (scores ``[B, k]``, ids ``[B, k]``); ``exact=False``: through the
-    LSH tables (see :meth:`SlideDense.top_k`; id ``num_labels`` past a sample's candidates)."""
+    LSH tables (see :meth:`SlideDense.top_k`; id ``num_labels`` past a sample's candidates).
+    The scores are logits; with :attr:`neighbours`, mixed probabilities (see
+    :meth:`set_neighbours`; through the tables, the softmax is over the candidates)."""
     h = self.hidden(feature_ids, feature_values)
     extra = self.output.out_features - self.num_labels   # neurons of a rounded-up last block
+    if self.neighbours is not None:
+      return self._mixed_top_k(feature_ids, feature_values, k, exact)
     if not extra:
       return self.output.top_k(h, k, exact=exact,
                                extra=self._shortcut_scores(feature_ids, feature_values))
@@ -142,6 +170,17 @@ class SlideMLP(_Trunk):
     best, pos = jax.lax.top_k(scores, k)
     ids = jnp.take_along_axis(ids, pos, axis=1)
     return best, jnp.where(jnp.isfinite(best), ids, self.num_labels)
+
+  def ranked(self, feature_ids: jax.Array, feature_values: jax.Array, m: int, *,
+             exact: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The model's own top ``m`` logits and ids ``[B, m]`` (no votes) and each sample's
+    log-sum-exp ``[B]`` of every logit (through the tables, of its candidates'): what
+    :meth:`top_k` mixes with :attr:`neighbours`' votes. An output layer of one block."""
+    if self.output.out_features != self.num_labels or self.output.shards != 1:
+      raise ValueError("SlideMLP.ranked: needs an output layer of one block")
+    return self.output.top_k(self.hidden(feature_ids, feature_values), m, exact=exact,
+                             extra=self._shortcut_scores(feature_ids, feature_values),
+                             normalizer=True)
 
 
 def sampled_softmax_loss(out: SlideOutput, sample_weight: jax.Array | None = None) -> jax.Array:
@@ -245,7 +284,21 @@ class DenseMLP(_Trunk):
 
   def top_k(self, feature_ids: jax.Array, feature_values: jax.Array, k: int, *,
             exact: bool = True) -> tuple[jax.Array, jax.Array]:
-    del exact  # always exact
+    """Exact top-``k`` labels: (logits ``[B, k]``, ids ``[B, k]``); with :attr:`neighbours`,
+    mixed probabilities (see :meth:`set_neighbours`)."""
+    if self.neighbours is not None:
+      return self._mixed_top_k(feature_ids, feature_values, k, exact)
     return top_k_chunked(self._members_mean(self.hidden(feature_ids, feature_values)),
                          self.kernel[...], self.bias[...], k,
                          extra=self._shortcut_scores(feature_ids, feature_values))
+
+  def ranked(self, feature_ids: jax.Array, feature_values: jax.Array, m: int, *,
+             exact: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The model's own top ``m`` logits and ids ``[B, m]`` (no votes) and each sample's
+    log-sum-exp ``[B]`` of every logit: what :meth:`top_k` mixes with :attr:`neighbours`'
+    votes."""
+    del exact  # always exact
+    return top_k_chunked(self._members_mean(self.hidden(feature_ids, feature_values)),
+                         self.kernel[...], self.bias[...], m,
+                         extra=self._shortcut_scores(feature_ids, feature_values),
+                         normalizer=True)

@@ -628,8 +628,8 @@ class SlideDense(nnx.Module):
 
   # -- inference ----------------------------------------------------------------------------
   def top_k(self, inputs: jax.Array, k: int, *, exact: bool = True,
-            chunk_size: int = 65536, extra: tuple[jax.Array, jax.Array] | None = None
-            ) -> tuple[jax.Array, jax.Array]:
+            chunk_size: int = 65536, extra: tuple[jax.Array, jax.Array] | None = None,
+            normalizer: bool = False):
     """Top-``k`` neurons per sample: (scores ``[B, k]``, ids ``[B, k]``), best first.
 
     ``exact``: every neuron, chunked to bound memory. Otherwise (LSH tables only) each
@@ -638,15 +638,20 @@ class SlideDense(nnx.Module):
     sample's candidates hold score ``-inf`` and id ``out_features``. ``extra``: (ids ``[B, E]``,
     -1 for none; scores ``[B, E]``) added to those neurons' scores (and, through the tables,
     made candidates), as :class:`slidejax.nn.LabelShortcut` gives them; one block only.
+    ``normalizer``: also return each sample's log-sum-exp ``[B]`` of the scores it ranked
+    (every neuron's when exact, its candidates' through the tables).
     """
     if self.shards > 1:
-      if extra is not None:
-        raise ValueError("SlideDense.top_k: extra scores need a layer of one block")
+      if extra is not None or normalizer:
+        raise ValueError("SlideDense.top_k: extra scores and the normalizer need a layer of "
+                         "one block")
       return self._top_k_blocks(inputs, k, exact, chunk_size)
     if exact or not self.uses_tables:
-      return F.top_k_chunked(inputs, self.kernel[...], self.bias[...], k, chunk_size, extra)
+      return F.top_k_chunked(inputs, self.kernel[...], self.bias[...], k, chunk_size, extra,
+                             normalizer=normalizer)
     candidates = lsh.bucket_rows(self.tables.get_value(), self.hash_codes(inputs))
-    return self._top_k_of(inputs, candidates.reshape(inputs.shape[0], -1), k, extra)
+    return self._top_k_of(inputs, candidates.reshape(inputs.shape[0], -1), k, extra,
+                          normalizer)
 
   def _top_k_blocks(self, inputs, k, exact, chunk_size):
     """:meth:`top_k` block by block (on a mesh: each shard its own), then merged."""
@@ -673,7 +678,7 @@ class SlideDense(nnx.Module):
     found = jnp.moveaxis(found, 0, 1).reshape(inputs.shape[0], -1)
     return self._top_k_of(inputs, found, k)
 
-  def _top_k_of(self, inputs, candidates, k, extra=None):
+  def _top_k_of(self, inputs, candidates, k, extra=None, normalizer=False):
     """Top-``k`` of each sample's candidate ids ``[B, c]`` (-1: none), scored exactly, with
     ``extra`` (see :meth:`top_k`) among the candidates and added to their scores."""
     if extra is not None:
@@ -697,8 +702,11 @@ class SlideDense(nnx.Module):
       logits = jnp.pad(logits, ((0, 0), (0, pad)), constant_values=-jnp.inf)
       ids = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=self.out_features)
     scores, pos = jax.lax.top_k(logits, k)
-    top = jnp.take_along_axis(ids, pos, axis=1)
-    return scores, jnp.where(jnp.isfinite(scores), top, self.out_features)
+    top = jnp.where(jnp.isfinite(scores), jnp.take_along_axis(ids, pos, axis=1),
+                    self.out_features)
+    if normalizer:
+      return scores, top, jax.nn.logsumexp(logits, axis=1)
+    return scores, top
 
 
 def rebuild_tables(model: nnx.Module, key: jax.Array | None = None, *, redraw: bool = False,

@@ -42,3 +42,13 @@ class SamplerCDF(nnx.Variable):
 class LabelLinks(nnx.Variable):
   """The labels each input feature of a :class:`slidejax.nn.LabelShortcut` links to (int32,
   -1 for none) and their prior weights; fixed when the model is built, not trainable."""
+
+
+class NeighbourIndex(nnx.Variable):
+  """The training rows a :class:`slidejax.nn.NeighbourVotes` searches (a feature -> rows
+  index) and their labels; fixed when it is built, not trainable."""
+
+
+class VoteWeight(nnx.Variable):
+  """The share of :class:`slidejax.nn.NeighbourVotes`' votes in a model's predictions, chosen
+  on validation rows; not trainable."""

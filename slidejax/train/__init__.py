@@ -1,6 +1,8 @@
 """Training: the compiled public-path step, rehash schedules and the training loop."""
 
+from slidejax.train._calibrate import attach_neighbours
 from slidejax.train._calibrate import calibrate
+from slidejax.train._calibrate import calibrate_neighbours
 from slidejax.train._config import CLASSIC
 from slidejax.train._config import TrainConfig
 from slidejax.train._config import TrainingDiverged
@@ -10,6 +12,7 @@ from slidejax.train._config import resolve_config
 from slidejax.train._config import validate
 from slidejax.train._loop import build_model
 from slidejax.train._loop import evaluate_model
+from slidejax.train._loop import evaluate_top_k
 from slidejax.train._loop import fit
 from slidejax.train._schedule import RehashSchedule
 from slidejax.train._schedule import fixed_interval

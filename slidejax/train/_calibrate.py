@@ -9,6 +9,9 @@ import numpy as np
 from flax import nnx
 
 from slidejax import data as xcdata
+from slidejax import metrics
+from slidejax.nn import NeighbourVotes
+from slidejax.nn import mix_votes
 from slidejax.train import _plan
 
 
@@ -87,3 +90,65 @@ def _best_change(model, variable: nnx.Variable, score, score_now: float, grid, i
   best = best_of(scores)
   put(best)
   return best, scores[best]
+
+
+def calibrate_neighbours(model: nnx.Module, held: xcdata.XCData, rows: xcdata.XCData, *,
+                         ks=_plan.NEIGHBOUR_KS, weights=_plan.NEIGHBOUR_WEIGHTS,
+                         batch_size: int = 256, max_features: int | None = None) -> dict:
+  """Chooses :class:`slidejax.nn.NeighbourVotes` settings for a trained model on validation
+  rows ``held``: the neighbours per query ``k`` of ``ks`` (searched among ``rows``, the rows
+  it was trained on) and the votes' weight of ``weights`` whose mixed top 5 scores best
+  (mean of P@1, P@3 and P@5; weight 0 unless another scores better). The model is left as
+  it was; ``fit`` attaches votes over every training row with the chosen settings.
+
+  The model's own ranking is computed once and each ``k``'s votes once, so the grid costs
+  one model pass and ``len(ks)`` searches.
+
+  Returns:
+    ``{"k", "weight", "before", "after"}`` (the scores without votes and with the choice).
+  """
+  width = max_features or int(xcdata.suggest_widths(held)[0])
+  keep = NeighbourVotes.WIDTH + 5
+  ranked = nnx.jit(lambda m, ids, values: m.ranked(ids, values, keep))
+  own, batches = [], []
+  for start in range(0, held.num_points, batch_size):
+    chunk = np.arange(start, min(start + batch_size, held.num_points))
+    padded = np.concatenate([chunk, np.full(batch_size - len(chunk), -1, chunk.dtype)])
+    batch = xcdata.pad_rows(held, padded, max_features=width, max_labels=1)
+    batches.append((np.asarray(batch.feature_ids, np.int32),
+                    np.asarray(batch.feature_values, np.float32), len(chunk)))
+    own.append(ranked(model, batches[-1][0], batches[-1][1]))
+  own = [np.concatenate([np.asarray(o[i])[:n] for o, (_, _, n) in zip(own, batches)])
+         for i in range(3)]
+  truth = (held.label_indptr, held.label_ids)
+
+  def score(votes, weight) -> float:
+    top = mix_votes(*own, *votes, np.float32(weight), 5)[1]
+    return _plan.validation_score(metrics.evaluate(np.asarray(top), truth, ks=(1, 3, 5)))
+
+  nothing = (np.full((held.num_points, 1), -1, np.int32), np.zeros((held.num_points, 1),
+                                                                    np.float32))
+  before = score(nothing, 0.0)
+  best = {"k": 0, "weight": 0.0, "after": before}
+  for k in ks:
+    search = NeighbourVotes(model.num_features, model.num_labels, rows, k=k)
+    votes = nnx.jit(lambda v, ids, values: v(ids, values))
+    found = [votes(search, ids, values) for ids, values, _ in batches]
+    found = [np.concatenate([np.asarray(f[i])[:n] for f, (_, _, n) in zip(found, batches)])
+             for i in range(2)]
+    scores = {w: score(found, w) for w in weights if w > 0}
+    weight = _plan.best_weight({0.0: before, **scores})
+    if weight and scores[weight] > best["after"]:
+      best = {"k": k, "weight": weight, "after": scores[weight]}
+  return {"k": best["k"], "weight": best["weight"], "before": round(before, 6),
+          "after": round(best["after"], 6)}
+
+
+def attach_neighbours(model: nnx.Module, rows: xcdata.XCData, choice: dict | None) -> None:
+  """Gives ``model`` votes over ``rows`` (every training row) with the ``k`` and weight of
+  ``choice`` (:func:`calibrate_neighbours`'s result); none for weight 0 or no choice."""
+  if not choice or not choice["weight"]:
+    return
+  votes = NeighbourVotes(model.num_features, model.num_labels, rows, k=choice["k"])
+  votes.weight[...] = np.float32(choice["weight"])
+  model.set_neighbours(votes)

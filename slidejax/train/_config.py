@@ -33,7 +33,9 @@ class TrainConfig:
   (with a sparse output layer of one block), ``epochs`` (an upper
   bound, with early stopping on a validation split), ``validation`` (the share of training
   rows held out; 0 without ``epochs="auto"``), ``members`` (3 networks, each on its own split,
-  with a dense output layer and a validation split; else 1).
+  with a dense output layer and a validation split; else 1), ``neighbours`` (votes of the
+  nearest training rows, k and weight chosen on the validation split; none without one or on
+  a mesh).
   """
   hidden: int = 512             # embedding width
   dropout: float | str = "auto"   # on the embedding, training calls only
@@ -41,6 +43,7 @@ class TrainConfig:
   residual: bool = False       # a residual block h + relu(W h + b) after the embedding
   members: int | str = "auto"   # networks, each on its own validation split; mean logits
   shortcut: int | str = "auto"   # labels per feature of a LabelShortcut (0: none)
+  neighbours: int | str = "auto"   # k of NeighbourVotes (0: none; auto: k chosen too)
   output_init: str = "small"   # or "fan_in" (std 1/sqrt(hidden))
   hash: str = "simhash"
   k: int | None = None
@@ -226,6 +229,8 @@ def check_options(config: TrainConfig) -> None:
     _positive(config.shortcut, "shortcut", integer=True, zero=True)
   if config.members != "auto":
     _positive(config.members, "members", integer=True)
+  if config.neighbours != "auto":
+    _positive(config.neighbours, "neighbours", integer=True, zero=True)
   if config.validation != "auto":
     _share(config.validation, "validation", high=0.5)
   for name, choices in _CHOICES.items():
@@ -280,6 +285,7 @@ def resolve_config(config: TrainConfig, train: xcdata.XCData) -> tuple[TrainConf
       rows = min(rows, train.num_points // 5)
     config = dataclasses.replace(config, validation=round(rows / train.num_points, 6))
   config = _resolve_members(config, notes)
+  config = _resolve_neighbours(config, notes)
   if config.epochs == "auto":
     kept = train.num_points - _plan.validation_rows(train.num_points, config.validation)
     epochs = _plan.auto_epochs(math.ceil(kept / config.batch_size), config.batch_size,
@@ -287,6 +293,25 @@ def resolve_config(config: TrainConfig, train: xcdata.XCData) -> tuple[TrainConf
     config = dataclasses.replace(config, epochs=epochs)
     notes["epochs"] = f"at most {epochs}, early stopping on the validation split"
   return config, notes
+
+
+def _resolve_neighbours(config: TrainConfig, notes: dict) -> TrainConfig:
+  """``neighbours`` resolved (after ``validation``): auto stays auto (k chosen from
+  ``_plan.NEIGHBOUR_KS``) with a validation split and no mesh, else 0; a number without a
+  split (the votes' weight is chosen on it) or on a mesh is refused."""
+  unfit = [why for why, bad in (("no validation split", not config.validation),
+                                ("a mesh", bool(config.mesh))) if bad]
+  if config.neighbours == "auto":
+    if unfit:
+      notes["neighbours"] = f"0 ({unfit[0]})"
+      return dataclasses.replace(config, neighbours=0)
+    notes["neighbours"] = (f"k of {', '.join(map(str, _plan.NEIGHBOUR_KS))} and the votes' "
+                           "weight chosen on the validation split at the end")
+    return config
+  if config.neighbours and unfit:
+    raise TrainingError(f"neighbours={config.neighbours} cannot have {unfit[0]} (the votes' "
+                        f"weight is chosen on the validation split; not on a mesh)")
+  return config
 
 
 def _resolve_members(config: TrainConfig, notes: dict) -> TrainConfig:

@@ -21,7 +21,9 @@ from slidejax.nn import SlideMLP
 from slidejax.checkpoint import CheckpointError
 from slidejax.checkpoint import TrainingCheckpoints
 from slidejax.train import _plan
+from slidejax.train._calibrate import attach_neighbours
 from slidejax.train._calibrate import calibrate
+from slidejax.train._calibrate import calibrate_neighbours
 from slidejax.train._config import TrainConfig
 from slidejax.train._config import TrainingDiverged
 from slidejax.train._config import TrainingError
@@ -88,6 +90,15 @@ def evaluate_model(predict, data: xcdata.XCData, *, batch_size: int, max_feature
   sub = xcdata.subset(data, rows)
   return metrics.evaluate(top, (sub.label_indptr, sub.label_ids), ks=(1, 3, 5),
                           propensities=propensities)
+
+
+def evaluate_top_k(model: nnx.Module, data: xcdata.XCData, *, batch_size: int,
+                   max_features: int, propensities=None) -> dict:
+  """:func:`evaluate_model` of a model's own exact ``top_k`` (compiled once here)."""
+  predict = nnx.jit(lambda m, ids, values: m.top_k(ids, values, 5)[1])
+  return evaluate_model(lambda ids, values: predict(model, ids, values), data,
+                        batch_size=batch_size, max_features=max_features,
+                        propensities=propensities)
 
 
 def make_prober(trainer: Trainer, data: xcdata.XCData, *, batch_size: int, max_features: int,
@@ -271,7 +282,7 @@ class _Run:
         "step": 0, "epoch": 0, "batch_index": 0, "train_seconds": 0.0, "rebuilds": 0,
         "rebuild_seconds": 0.0, "history": [], "probes": [], "horizon": horizon,
         "plan_from": None, "early": list(_plan.EarlyStopping()), "validations": [],
-        "best_saved": False, "calibration": None, "finished": False,
+        "best_saved": False, "calibration": None, "neighbours": None, "finished": False,
         "validations_per_run": _plan.VALIDATIONS_PER_RUN, "validation_seconds": 0.0}
     self.best = None
     self.last_checkpoint = None
@@ -339,7 +350,15 @@ class _Run:
     if self.held is None:
       return 0
     return _plan.end_validations(calibrate=self.calibrates(), shortcut=bool(self.config.shortcut),
-                                 sampled=not self.config.dense)
+                                 sampled=not self.config.dense,
+                                 neighbour_ks=len(self.neighbour_ks()))
+
+  def neighbour_ks(self) -> tuple[int, ...]:
+    """The neighbour counts ``--neighbours`` tries at the end (none without votes)."""
+    choice = self.config.neighbours
+    if self.held is None or not choice:
+      return ()
+    return _plan.NEIGHBOUR_KS if choice == "auto" else (choice,)
 
   def time_one_validation(self) -> float:
     """The seconds of one validation pass, from a few batches timed after one that compiles
@@ -445,6 +464,21 @@ class _Run:
              f"shifted by {result['tau']:g} x log(1 + label count) (validation mean P@1/3/5 "
              f"{result['before']:.4f} -> {result['after']:.4f})")
 
+  def choose_neighbours(self) -> None:
+    """At the end, once (after :meth:`calibrate`): the neighbour votes' ``k`` and weight
+    chosen on the held-out rows (:func:`slidejax.train.calibrate_neighbours`)."""
+    pos = self.position
+    if not self.neighbour_ks() or pos.get("neighbours") is not None:
+      return
+    result = calibrate_neighbours(self.trainer.model, self.held, self.train,
+                                  ks=self.neighbour_ks(), batch_size=self.config.batch_size,
+                                  max_features=self.config.max_features)
+    pos["neighbours"] = result
+    chosen = (f"{result['k']} neighbours, weight {result['weight']:g}" if result["weight"]
+              else "none")
+    self.log(f"neighbour votes: {chosen} (validation mean P@1/3/5 {result['before']:.4f} -> "
+             f"{result['after']:.4f})")
+
   # -- checkpoints ------------------------------------------------------------------------
   def save(self, reason: str) -> None:
     if self.checkpoints is None:
@@ -527,6 +561,7 @@ def _fit(config: TrainConfig, train: xcdata.XCData, held: xcdata.XCData | None,
   t0 = _now()
   run.keep_best()
   run.calibrate()
+  run.choose_neighbours()
   position["train_seconds"] += _now() - t0
   position["finished"] = True
   run.save("end")
@@ -630,10 +665,14 @@ def _show_progress(run: _Run, bar) -> None:
 def _results(run: _Run, truncation, propensity_source: xcdata.XCData) -> dict:
   config, position = run.config, run.position
   result: dict[str, Any] = {}
+  model = run.trainer.model
+  attach_neighbours(model, propensity_source, position.get("neighbours"))
   if run.test is not None:
     props = metrics.propensities(xcdata.label_counts(propensity_source),
                                  propensity_source.num_points)
-    result.update(run.evaluate(run.test, propensities=props))
+    result.update(run.evaluate(run.test, propensities=props) if model.neighbours is None else
+                  evaluate_top_k(model, run.test, batch_size=config.batch_size,
+                                 max_features=config.max_features, propensities=props))
     if not position["history"] or position["history"][-1]["step"] != position["step"]:
       position["history"].append({"seconds": round(position["train_seconds"], 3),
                                   "step": position["step"], "p@1": result["p@1"]})
@@ -649,11 +688,11 @@ def _results(run: _Run, truncation, propensity_source: xcdata.XCData) -> dict:
                                                                      1e-9),
       steps=position["step"], planned_steps=run.horizon, rebuilds=position["rebuilds"],
       rebuild_seconds=position["rebuild_seconds"], history=position["history"],
-      calibration=position.get("calibration"),
+      calibration=position.get("calibration"), neighbours=position.get("neighbours"),
       validation=validation, probes=position["probes"], config=dataclasses.asdict(config),
       truncation=None if truncation is None else dict(truncation._asdict()
                                                       if hasattr(truncation, "_asdict")
                                                       else vars(truncation)),
       checkpoint=str(run.last_checkpoint) if run.last_checkpoint else None)
-  result["model"] = run.trainer.model
+  result["model"] = model
   return result

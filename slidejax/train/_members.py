@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from flax import nnx
+import numpy as np
 
 from slidejax import data as xcdata
 from slidejax import metrics
@@ -21,8 +21,9 @@ from slidejax.checkpoint import CheckpointError
 from slidejax.checkpoint import TrainingCheckpoints
 from slidejax.nn import DenseMLP
 from slidejax.train._config import TrainConfig
+from slidejax.train._calibrate import attach_neighbours
 from slidejax.train._loop import _fit_resolved
-from slidejax.train._loop import evaluate_model
+from slidejax.train._loop import evaluate_top_k
 
 
 def member_config(config: TrainConfig, index: int, budget: float | None) -> TrainConfig:
@@ -62,8 +63,20 @@ def fit_members(config: TrainConfig, train: xcdata.XCData, test: xcdata.XCData |
         progress=progress, keep_checkpoints=keep_checkpoints,
         log=lambda message, tag=tag: log(f"{tag}: {message}")))
   model = DenseMLP.from_members([r["model"] for r in results])
+  attach_neighbours(model, train, _members_neighbours(results))
   max_features = max(r["config"]["max_features"] for r in results)
   return _ensemble_result(config, model, results, train, test, max_features, checkpoint_dir)
+
+
+def _members_neighbours(results) -> dict | None:
+  """The ensemble's neighbour votes: the median ``k`` of the members that chose votes and the
+  mean of every member's weight (each chosen on its own split)."""
+  chosen = [r["neighbours"] for r in results if r.get("neighbours")]
+  voting = sorted(c["k"] for c in chosen if c["weight"])
+  if not voting:
+    return None
+  return {"k": voting[len(voting) // 2],
+          "weight": round(float(np.mean([c["weight"] for c in chosen])), 6)}
 
 
 def _ensemble_result(config, model, results, train, test, max_features, checkpoint_dir) -> dict:
@@ -71,20 +84,19 @@ def _ensemble_result(config, model, results, train, test, max_features, checkpoi
   steps = sum(r["steps"] for r in results)
   result = {}
   if test is not None:
-    predict = nnx.jit(lambda m, ids, values: m.top_k(ids, values, 5)[1])
     props = metrics.propensities(xcdata.label_counts(train), train.num_points)
-    result.update(evaluate_model(lambda ids, values: predict(model, ids, values), test,
-                                 batch_size=config.batch_size, max_features=max_features,
-                                 propensities=props))
+    result.update(evaluate_top_k(model, test, batch_size=config.batch_size,
+                                 max_features=max_features, propensities=props))
   members = [{"seed": r["config"]["seed"], "steps": r["steps"],
               "planned_steps": r["planned_steps"], "train_seconds": r["train_seconds"],
-              "validation": r["validation"]} for r in results]
+              "validation": r["validation"], "neighbours": r["neighbours"]} for r in results]
   resolved = dict(results[0]["config"], members=len(results), seed=config.seed,
                   time_budget=config.time_budget, max_features=max_features)
   result.update(
       train_seconds=seconds, samples_per_second=steps * config.batch_size / max(seconds, 1e-9),
       steps=steps, planned_steps=sum(r["planned_steps"] or 0 for r in results), rebuilds=0,
       rebuild_seconds=0.0, history=[], calibration=None, probes=[], config=resolved,
+      neighbours=_members_neighbours(results),
       validation={"rows": results[0]["validation"]["rows"] if results[0]["validation"] else 0,
                   "seed": config.seed, "members": [m["validation"] for m in members]},
       truncation=results[0]["truncation"], members=members,

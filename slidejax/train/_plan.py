@@ -83,6 +83,11 @@ CALIBRATION_GRID = (-0.5, -0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2)
 # x1.25 to x1.5 gained 0.6 to 1.1 points of validation score on three saved models, x0.8 lost
 # 3; see the README, group 10).
 SHORTCUT_GRID = (0.8, 1.0, 1.25, 1.5, 2.0)
+# --neighbours auto: at the end, the neighbours per query (k) and the votes' weight that score
+# best on the validation split (weight 0, no votes, unless another scores better); see
+# slidejax.nn.NeighbourVotes and the README (How the defaults were chosen, group 13).
+NEIGHBOUR_KS = (10, 30, 100)
+NEIGHBOUR_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5)
 
 
 def auto_num_active(num_labels: int) -> int | None:
@@ -164,14 +169,21 @@ def budget_steps(budget: float, elapsed: float, steps_done: int, seconds_per_ste
   return steps_done + max(1, int(steps)), per_run
 
 
-def end_validations(*, calibrate: bool, shortcut: bool, sampled: bool) -> int:
+def end_validations(*, calibrate: bool, shortcut: bool, sampled: bool,
+                    neighbour_ks: int = 0) -> int:
   """How many validation passes follow a run's last step at most: the last state's, then
   ``calibrate``'s (a factor of ``SHORTCUT_GRID`` for a shortcut, a shift of
-  ``CALIBRATION_GRID`` for a sampled output layer; 1 and 0 are scored already)."""
+  ``CALIBRATION_GRID`` for a sampled output layer; 1 and 0 are scored already), then one
+  model pass and one search per neighbour count of ``--neighbours`` (counted as passes)."""
   count = 1
   if calibrate:
     count += (len(SHORTCUT_GRID) - 1) * shortcut + (len(CALIBRATION_GRID) - 1) * sampled
-  return count
+  return count + (1 + neighbour_ks if neighbour_ks else 0)
+
+
+def best_weight(scores: dict[float, float]) -> float:
+  """The votes' weight with the best validation score (ties: the smallest)."""
+  return max(scores, key=lambda weight: (scores[weight], -weight))
 
 
 def prior_shift(label_counts: np.ndarray, tau: float, size: int) -> np.ndarray:
