@@ -109,63 +109,88 @@ def neighbour_votes(query_ids, query_values, post_indptr, post_rows, row_indptr,
     top_scores = np.empty(max(width, 1), np.float32)
     top_ids = np.empty(max(width, 1), np.int32)
     for b in range(t * per_thread, min(batch, (t + 1) * per_thread)):
-      longest = max_list
-      shortest = -1
-      for j in range(query_ids.shape[1]):
-        f = query_ids[b, j]
-        if 0 <= f < num_features and query_values[b, j] != 0:
-          query[f] += query_values[b, j]
-          length = post_indptr[f + 1] - post_indptr[f]
-          if shortest < 0 or length < shortest:
-            shortest = length
-      longest = max(longest, shortest)
-      num_touched = 0
-      for j in range(query_ids.shape[1]):
-        f = query_ids[b, j]
-        if f < 0 or f >= num_features or query_values[b, j] == 0:
-          continue
-        if post_indptr[f + 1] - post_indptr[f] > longest:
-          continue
-        for p in range(post_indptr[f], post_indptr[f + 1]):
-          row = post_rows[p]
-          if seen[row] != b + 1:
-            seen[row] = b + 1
-            touched[num_touched] = row
-            num_touched += 1
-      size = 0
-      for i in range(num_touched):
-        row = touched[i]
-        similarity = np.float32(0.0)
-        for p in range(row_indptr[row], row_indptr[row + 1]):
-          similarity += query[row_ids[p]] * row_values[p]
-        if similarity > 0.0:
-          size = _keep_best(near_scores, near_ids, size, k, similarity, row)
-      for j in range(query_ids.shape[1]):
-        f = query_ids[b, j]
+      num_touched = _candidates(query_ids[b], query_values[b], b + 1, post_indptr, post_rows,
+                                max_list, query, seen, touched)
+      size = _nearest(touched[:num_touched], query, row_indptr, row_ids, row_values, k,
+                      near_scores, near_ids)
+      for f in query_ids[b]:
         if 0 <= f < num_features:
           query[f] = 0.0
-      num_voted, total = 0, 0.0
-      for i in range(size):
-        weight = near_scores[i] ** power
-        row = near_ids[i]
-        for p in range(label_indptr[row], label_indptr[row + 1]):
-          label = label_ids[p]
-          if votes[label] == 0.0:
-            voted[num_voted] = label
-            num_voted += 1
-          votes[label] += weight
-          total += weight
-      kept = 0
-      for i in range(num_voted):
-        label = voted[i]
-        if votes[label] > 0.0:
-          kept = _keep_best(top_scores, top_ids, kept, width, votes[label], label)
-        votes[label] = 0.0
-      order = _sorted_best(top_scores, top_ids, kept)
-      for i in range(kept):
-        out_ids[b, i] = top_ids[order[i]]
-        out_votes[b, i] = top_scores[order[i]] / total
+      _vote(near_scores[:size], near_ids[:size], power, label_indptr, label_ids, votes, voted,
+            top_scores, top_ids, out_ids[b], out_votes[b])
   return out_ids, out_votes
+
+
+@numba.njit(cache=True)
+def _candidates(ids, values, stamp, post_indptr, post_rows, max_list, query, seen, touched):
+  """Fills ``query`` (dense, zero before) with one query's values and ``touched`` with its
+  candidate rows (``seen`` marks them with ``stamp``); returns how many there are."""
+  num_features = post_indptr.shape[0] - 1
+  shortest = -1
+  for j in range(ids.shape[0]):
+    f = ids[j]
+    if 0 <= f < num_features and values[j] != 0:
+      query[f] += values[j]
+      length = post_indptr[f + 1] - post_indptr[f]
+      if shortest < 0 or length < shortest:
+        shortest = length
+  longest = max(max_list, shortest)
+  num_touched = 0
+  for j in range(ids.shape[0]):
+    f = ids[j]
+    if f < 0 or f >= num_features or values[j] == 0:
+      continue
+    if post_indptr[f + 1] - post_indptr[f] > longest:
+      continue
+    for p in range(post_indptr[f], post_indptr[f + 1]):
+      row = post_rows[p]
+      if seen[row] != stamp:
+        seen[row] = stamp
+        touched[num_touched] = row
+        num_touched += 1
+  return num_touched
+
+
+@numba.njit(cache=True)
+def _nearest(candidates, query, row_indptr, row_ids, row_values, k, near_scores, near_ids):
+  """The ``k`` candidates of highest positive similarity to ``query`` into the heap
+  (``near_scores``, ``near_ids``); returns its size."""
+  size = 0
+  for row in candidates:
+    similarity = np.float32(0.0)
+    for p in range(row_indptr[row], row_indptr[row + 1]):
+      similarity += query[row_ids[p]] * row_values[p]
+    if similarity > 0.0:
+      size = _keep_best(near_scores, near_ids, size, k, similarity, row)
+  return size
+
+
+@numba.njit(cache=True)
+def _vote(near_scores, near_ids, power, label_indptr, label_ids, votes, voted, top_scores,
+          top_ids, out_ids, out_votes):
+  """The neighbours' votes, the ``len(out_ids)`` best labels and their shares into
+  ``out_ids`` / ``out_votes`` (``votes``, zero before, is left zero)."""
+  num_voted, total = 0, 0.0
+  for i in range(near_ids.shape[0]):
+    weight = near_scores[i] ** power
+    row = near_ids[i]
+    for p in range(label_indptr[row], label_indptr[row + 1]):
+      label = label_ids[p]
+      if votes[label] == 0.0:
+        voted[num_voted] = label
+        num_voted += 1
+      votes[label] += weight
+      total += weight
+  kept = 0
+  for i in range(num_voted):
+    label = voted[i]
+    if votes[label] > 0.0:
+      kept = _keep_best(top_scores, top_ids, kept, out_ids.shape[0], votes[label], label)
+    votes[label] = 0.0
+  order = _sorted_best(top_scores, top_ids, kept)
+  for i in range(kept):
+    out_ids[i] = top_ids[order[i]]
+    out_votes[i] = top_scores[order[i]] / total
 
 
 def index_rows(indptr: np.ndarray, ids: np.ndarray, values: np.ndarray, num_features: int):
