@@ -223,23 +223,24 @@ def test_retrieval_recall_beats_random():
 
 def test_warmup_compiles_what_a_training_run_calls(tmp_path):
   """After ``lsh.warmup()`` a short host-backend training run (tables built and updated,
-  batch-shared and per-sample selection) compiles no new Numba signature: a kernel compiled
+  batch-shared and per-sample selection, the neighbour votes' grid) compiles no new Numba
+  signature: a kernel compiled
   inside the first steps (seconds with a cold cache) made a fresh machine plan a time budget
   at a third of its steps. A fresh process and an empty cache, so no earlier call hides one."""
   import subprocess
   import sys
   code = """
 import hostops, numba
-from hostops import _codes, _select, _tables
+from hostops import _codes, _neighbours, _select, _tables
 from slidejax import data, lsh, train
-kernels = {f"{m.__name__}.{n}": k for m in (_codes, _select, _tables)
+kernels = {f"{m.__name__}.{n}": k for m in (_codes, _neighbours, _select, _tables)
            for n, k in vars(m).items() if isinstance(k, numba.core.registry.CPUDispatcher)}
 lsh.warmup()
 before = {n: len(k.signatures) for n, k in kernels.items()}
 trn, tst = data.synthesize_split(num_points=600, num_features=200, num_labels=300, seed=0)
 for mode in ("shared", "per_sample"):
   train.fit(train.TrainConfig(hidden=8, l=2, num_active=32, batch_size=64, epochs=2, mode=mode,
-                              rebuild_first=3, shortcut=0, validation=0.0),
+                              rebuild_first=3, shortcut=0, validation=0.2),
             trn, tst, progress=False, log=lambda *a: None)
 print({n: len(k.signatures) for n, k in kernels.items() if len(k.signatures) != before[n]})
 """
