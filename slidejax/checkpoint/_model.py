@@ -328,13 +328,13 @@ def _with_neighbours(path: pathlib.Path, spec: dict, build):
     return build
   if not isinstance(votes, dict):
     raise ModelFileError(f"{path}: spec field 'neighbours' must be a JSON object")
-  sizes = {n: _int_field(path, votes, n) for n in ("k", "width", "max_list", "rows",
-                                                    "max_labels")}
-  for name in ("nnz", "label_entries"):
+  sizes = {}
+  for name, low in (("k", 1), ("width", 1), ("max_list", 1), ("rows", 1), ("max_labels", 1),
+                    ("nnz", 0), ("label_entries", 0)):
     value = votes.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-      raise ModelFileError(f"{path}: spec field 'neighbours.{name}' must be a non-negative "
-                           f"integer, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise ModelFileError(f"{path}: spec field 'neighbours.{name}' must be an integer of at "
+                           f"least {low}, got {value!r}")
     sizes[name] = value
   power = votes.get("power")
   if not isinstance(power, (int, float)) or isinstance(power, bool) or not power > 0:

@@ -158,10 +158,10 @@ class SlideMLP(_Trunk):
     LSH tables (see :meth:`SlideDense.top_k`; id ``num_labels`` past a sample's candidates).
     The scores are logits; with :attr:`neighbours`, mixed probabilities (see
     :meth:`set_neighbours`; through the tables, the softmax is over the candidates)."""
-    h = self.hidden(feature_ids, feature_values)
-    extra = self.output.out_features - self.num_labels   # neurons of a rounded-up last block
     if self.neighbours is not None:
       return self._mixed_top_k(feature_ids, feature_values, k, exact)
+    h = self.hidden(feature_ids, feature_values)
+    extra = self.output.out_features - self.num_labels   # neurons of a rounded-up last block
     if not extra:
       return self.output.top_k(h, k, exact=exact,
                                extra=self._shortcut_scores(feature_ids, feature_values))

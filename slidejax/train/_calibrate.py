@@ -107,19 +107,19 @@ def calibrate_neighbours(model: nnx.Module, held: xcdata.XCData, rows: xcdata.XC
   Returns:
     ``{"k", "weight", "before", "after"}`` (the scores without votes and with the choice).
   """
+  from slidejax.train._loop import padded_batches   # (the loop imports this module)
   width = max_features or int(xcdata.suggest_widths(held)[0])
+  batches = [b[1:] for b in padded_batches(held, np.arange(held.num_points), batch_size,
+                                           width)]
+
+  def over_rows(fn, parts: int) -> list[np.ndarray]:   # fn on every batch, padding cut off
+    out = [fn(ids, values) for ids, values, _ in batches]
+    return [np.concatenate([np.asarray(o[i])[:n] for o, (_, _, n) in zip(out, batches)])
+            for i in range(parts)]
+
   keep = NeighbourVotes.WIDTH + 5
   ranked = nnx.jit(lambda m, ids, values: m.ranked(ids, values, keep))
-  own, batches = [], []
-  for start in range(0, held.num_points, batch_size):
-    chunk = np.arange(start, min(start + batch_size, held.num_points))
-    padded = np.concatenate([chunk, np.full(batch_size - len(chunk), -1, chunk.dtype)])
-    batch = xcdata.pad_rows(held, padded, max_features=width, max_labels=1)
-    batches.append((np.asarray(batch.feature_ids, np.int32),
-                    np.asarray(batch.feature_values, np.float32), len(chunk)))
-    own.append(ranked(model, batches[-1][0], batches[-1][1]))
-  own = [np.concatenate([np.asarray(o[i])[:n] for o, (_, _, n) in zip(own, batches)])
-         for i in range(3)]
+  own = over_rows(lambda ids, values: ranked(model, ids, values), 3)
   truth = (held.label_indptr, held.label_ids)
 
   def score(votes, weight) -> float:
@@ -133,9 +133,7 @@ def calibrate_neighbours(model: nnx.Module, held: xcdata.XCData, rows: xcdata.XC
   for k in ks:
     search = NeighbourVotes(model.num_features, model.num_labels, rows, k=k)
     votes = nnx.jit(lambda v, ids, values: v(ids, values))
-    found = [votes(search, ids, values) for ids, values, _ in batches]
-    found = [np.concatenate([np.asarray(f[i])[:n] for f, (_, _, n) in zip(found, batches)])
-             for i in range(2)]
+    found = over_rows(lambda ids, values, search=search: votes(search, ids, values), 2)
     scores = {w: score(found, w) for w in weights if w > 0}
     weight = _plan.best_weight({0.0: before, **scores})
     if weight and scores[weight] > best["after"]:

@@ -73,6 +73,17 @@ def build_model(config: TrainConfig, num_features: int, num_labels: int,
                   shards=mesh_sizes(config)["model"], rngs=rngs, **trunk, **sampling)
 
 
+def padded_batches(data: xcdata.XCData, rows: np.ndarray, batch_size: int, max_features: int):
+  """Yields ``(start, feature_ids int32 [batch_size, F], feature_values float32, count)`` for
+  ``rows`` of ``data`` in order, the last batch padded with empty rows (one compile)."""
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    padded = np.concatenate([chunk, np.full(batch_size - len(chunk), -1, chunk.dtype)])
+    batch = xcdata.pad_rows(data, padded, max_features=max_features, max_labels=1)
+    yield (start, np.asarray(batch.feature_ids, np.int32),
+           np.asarray(batch.feature_values, np.float32), len(chunk))
+
+
 def evaluate_model(predict, data: xcdata.XCData, *, batch_size: int, max_features: int,
                    points: int | None = None, k: int = 5, propensities=None) -> dict:
   """P@k, nDCG@k (and PSP@k given label ``propensities``) on (the first ``points`` rows of)
@@ -80,13 +91,9 @@ def evaluate_model(predict, data: xcdata.XCData, *, batch_size: int, max_feature
   :meth:`Trainer.predict`), called on fixed-size padded batches."""
   rows = np.arange(data.num_points if points is None else min(points, data.num_points))
   top = np.zeros((len(rows), k), np.int64)
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
-    padded = np.concatenate([chunk, np.full(batch_size - len(chunk), -1, chunk.dtype)])
-    batch = xcdata.pad_rows(data, padded, max_features=max_features, max_labels=1)
-    ids = predict(np.asarray(batch.feature_ids, np.int32),
-                  np.asarray(batch.feature_values, np.float32))
-    top[start:start + len(chunk)] = np.asarray(ids)[:len(chunk), :k]
+  for start, feature_ids, feature_values, count in padded_batches(data, rows, batch_size,
+                                                                 max_features):
+    top[start:start + count] = np.asarray(predict(feature_ids, feature_values))[:count, :k]
   sub = xcdata.subset(data, rows)
   return metrics.evaluate(top, (sub.label_indptr, sub.label_ids), ks=(1, 3, 5),
                           propensities=propensities)
