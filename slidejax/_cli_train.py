@@ -101,6 +101,11 @@ def add_parser(subparsers) -> None:
                       "better), then shift a sampled output layer's biases by tau * log(1 + "
                       "training count), tau the best of -0.5 to 0.2 (0 likewise); none: leave "
                       "both")
+  p.add_argument("--rerank", choices=("auto", "none"),
+                 help="auto (default, with a validation split and one member): at the end, "
+                      "fit a small network re-ranking the model's top labels and the votes' "
+                      "on the validation split, kept when it scores better on the half it "
+                      "was not fit on; none: rank by the model (and votes) alone")
   p.add_argument("--time-budget", type=float, metavar="SECONDS",
                  help="training seconds granted: the step count they buy is measured early "
                       "and the learning-rate schedule spans it")
@@ -197,7 +202,8 @@ CONFIG_FLAGS = ("hidden", "dropout", "weight_decay", "residual", "members", "nei
                 "loss", "num_active", "mode", "sampler", "batch_size", "lr", "schedule", "epochs",
                 "validation", "patience", "time_budget", "eval_every", "eval_points", "seed",
                 "max_features", "max_labels", "dense", "builder", "checkpoint_every",
-                "probe_every", "correction", "in_batch_negatives", "mesh", "calibrate")
+                "probe_every", "correction", "in_batch_negatives", "mesh", "calibrate",
+                "rerank")
 
 
 def _auto_or(kind):

@@ -240,7 +240,7 @@ before = {n: len(k.signatures) for n, k in kernels.items()}
 trn, tst = data.synthesize_split(num_points=600, num_features=200, num_labels=300, seed=0)
 for mode in ("shared", "per_sample"):
   train.fit(train.TrainConfig(hidden=8, l=2, num_active=32, batch_size=64, epochs=2, mode=mode,
-                              rebuild_first=3, shortcut=0, validation=0.2),
+                              rebuild_first=3, shortcut=0, validation=0.2, rerank="none"),
             trn, tst, progress=False, log=lambda *a: None)
 print({n: len(k.signatures) for n, k in kernels.items() if len(k.signatures) != before[n]})
 """

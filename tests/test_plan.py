@@ -161,7 +161,8 @@ def test_trainer_sets_an_injected_learning_rate():
 def _overfitting_config(**kw):
   # a large learning rate on few rows: the validation score peaks early and then falls
   base = dict(hidden=64, lr=0.05, batch_size=32, epochs=40, validation=0.3, patience=4,
-              schedule="constant", output_init="fan_in", members=1, neighbours=0)
+              schedule="constant", output_init="fan_in", members=1, neighbours=0,
+              rerank="none")
   return train.TrainConfig(**{**base, **kw})
 
 
@@ -360,9 +361,10 @@ def test_resume_is_exact_with_a_plan_validation_and_best_model(tmp_path, monkeyp
 # -- output-bias calibration ---------------------------------------------------------------
 
 def _sampled_config(**kw):
-  # (no neighbour votes: the model these tests score again is the calibrated one alone)
+  # (no neighbour votes or reranker: the model these tests score again is the calibrated one
+  # alone)
   base = dict(hidden=32, num_active=64, batch_size=32, epochs=3, validation=0.2, patience=100,
-              neighbours=0)
+              neighbours=0, rerank="none")
   return train.TrainConfig(**{**base, **kw})
 
 

@@ -109,7 +109,7 @@ def run_slidejax(train_path: str, test_path: str, train: xcdata.XCData, test: xc
   return {**scored, "train_seconds": result["train_seconds"],
           "predict_seconds": predict_seconds, "steps": result["steps"],
           "auto": result["auto"], "calibration": result["calibration"],
-          "neighbours": result["neighbours"]}
+          "neighbours": result["neighbours"], "reranker": result["reranker"]}
 
 
 RUNNERS: dict[str, Callable[..., dict]] = {

@@ -319,23 +319,32 @@ def _int_field(path, spec: dict, name: str) -> int:
   return value
 
 
+def _spec_integers(path: pathlib.Path, spec: dict, field: str, lows: dict) -> dict | None:
+  """``spec[field]``'s integer entries named in ``lows`` (each at least its low), checked; None
+  when the field is absent."""
+  part = spec.get(field)
+  if part is None:
+    return None
+  if not isinstance(part, dict):
+    raise ModelFileError(f"{path}: spec field {field!r} must be a JSON object")
+  for name, low in lows.items():
+    value = part.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise ModelFileError(f"{path}: spec field '{field}.{name}' must be an integer of at "
+                           f"least {low}, got {value!r}")
+  return {name: part[name] for name in lows}
+
+
 def _with_neighbours(path: pathlib.Path, spec: dict, build):
   """``build`` followed by an empty :class:`slidejax.nn.NeighbourVotes` of
   ``spec["neighbours"]`` (absent: ``build`` itself)."""
   from slidejax.nn import NeighbourVotes
-  votes = spec.get("neighbours")
-  if votes is None:
+  sizes = _spec_integers(path, spec, "neighbours",
+                         {"k": 1, "width": 1, "max_list": 1, "rows": 1, "max_labels": 1,
+                          "nnz": 0, "label_entries": 0})
+  if sizes is None:
     return build
-  if not isinstance(votes, dict):
-    raise ModelFileError(f"{path}: spec field 'neighbours' must be a JSON object")
-  sizes = {}
-  for name, low in (("k", 1), ("width", 1), ("max_list", 1), ("rows", 1), ("max_labels", 1),
-                    ("nnz", 0), ("label_entries", 0)):
-    value = votes.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-      raise ModelFileError(f"{path}: spec field 'neighbours.{name}' must be an integer of at "
-                           f"least {low}, got {value!r}")
-    sizes[name] = value
+  votes = spec["neighbours"]
   power = votes.get("power")
   if not isinstance(power, (int, float)) or isinstance(power, bool) or not power > 0:
     raise ModelFileError(f"{path}: spec field 'neighbours.power' must be a positive number, "
@@ -351,11 +360,27 @@ def _with_neighbours(path: pathlib.Path, spec: dict, build):
   return build_with_votes
 
 
+def _with_reranker(path: pathlib.Path, spec: dict, build):
+  """``build`` followed by a :class:`slidejax.nn.Reranker` of ``spec["reranker"]`` (its
+  weights restored with the model's; absent: ``build`` itself)."""
+  from slidejax.nn import Reranker
+  sizes = _spec_integers(path, spec, "reranker", {"hidden": 1, "candidates": 1})
+  if sizes is None:
+    return build
+
+  def build_with_reranker():
+    model = build()
+    model.set_reranker(Reranker(np.zeros(model.num_labels), rngs=nnx.Rngs(0), **sizes))
+    return model
+
+  return build_with_reranker
+
+
 def _constructor(path: pathlib.Path, spec: dict | None):
   """A no-argument function building the library model of ``spec``."""
   if spec is None:
     raise ModelFileError(f"{path}: no spec (not a library model): pass model= to load it")
-  return _with_neighbours(path, spec, _model_constructor(path, spec))
+  return _with_reranker(path, spec, _with_neighbours(path, spec, _model_constructor(path, spec)))
 
 
 def _model_constructor(path: pathlib.Path, spec: dict):

@@ -22,6 +22,11 @@ from slidejax.nn._models import sampled_softmax_loss
 from slidejax.nn._neighbours import NeighbourVotes
 from slidejax.nn._neighbours import neighbour_votes_jax
 from slidejax.nn._probe import selection_probe
+from slidejax.nn._rerank import FEATURES
+from slidejax.nn._rerank import Reranker
+from slidejax.nn._rerank import candidate_features
+from slidejax.nn._rerank import rerank_scores
+from slidejax.nn._rerank import union_candidates
 from slidejax.nn._shortcut import LabelShortcut
 from slidejax.nn._slide_dense import SAMPLERS
 from slidejax.nn._slide_dense import SlideDense
@@ -33,6 +38,7 @@ from slidejax.nn._variables import HashParams
 from slidejax.nn._variables import HashTables
 from slidejax.nn._variables import LabelLinks
 from slidejax.nn._variables import NeighbourIndex
+from slidejax.nn._variables import RerankWeight
 from slidejax.nn._variables import RowDelta
 from slidejax.nn._variables import RowParam
 from slidejax.nn._variables import SamplerCDF

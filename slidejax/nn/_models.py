@@ -12,6 +12,9 @@ from slidejax.nn._functional import top_k_chunked
 from slidejax.nn._init import lecun_rows
 from slidejax.nn._init import row_chunked
 from slidejax.nn._neighbours import NeighbourVotes
+from slidejax.nn._rerank import Reranker
+from slidejax.nn._rerank import candidate_features
+from slidejax.nn._rerank import union_candidates
 from slidejax.nn._shortcut import LabelShortcut
 from slidejax.nn._slide_dense import SlideDense
 from slidejax.nn._slide_dense import SlideOutput
@@ -64,6 +67,7 @@ class _Trunk(nnx.Module):
     self.shortcut = (LabelShortcut(num_features, shortcut, num_labels, links=links)
                      if shortcut else nnx.data(None))
     self.neighbours = nnx.data(None)
+    self.reranker = nnx.data(None)
     spec = {"num_features": num_features, "num_labels": num_labels, "hidden": hidden,
             "dropout": float(dropout), "residual": bool(residual), "shortcut": int(shortcut)}
     return {**spec, "members": members} if members > 1 else spec
@@ -80,6 +84,51 @@ class _Trunk(nnx.Module):
     self.spec = {n: v for n, v in self.spec.items() if n != "neighbours"}
     if votes is not None:
       self.spec["neighbours"] = dict(votes.spec)
+
+  def set_reranker(self, reranker: Reranker | None) -> None:
+    """Ranks :meth:`top_k`'s labels by ``reranker`` (or, None, as before) from now on
+    (``spec["reranker"]`` records it for :func:`slidejax.save`)."""
+    if reranker is not None and reranker.num_labels != self.num_labels:
+      raise ValueError(f"set_reranker: a reranker over {reranker.num_labels} labels does not "
+                       f"fit a model of {self.num_labels}")
+    self.reranker = reranker if reranker is not None else nnx.data(None)
+    self.spec = {n: v for n, v in self.spec.items() if n != "reranker"}
+    if reranker is not None:
+      self.spec["reranker"] = dict(reranker.spec)
+
+  def candidates(self, feature_ids: jax.Array, feature_values: jax.Array, log_count=None, *,
+                 m: int = Reranker.CANDIDATES, exact: bool = True
+                 ) -> tuple[jax.Array, jax.Array]:
+    """What a :class:`Reranker` ranks: the model's own top ``m`` labels (:meth:`ranked`)
+    and those its :attr:`neighbours` vote for: (label ids int32 ``[B, C]``, -1 for none;
+    their features float32 ``[B, C, len(FEATURES)]``, see
+    :func:`slidejax.nn.candidate_features`). ``log_count``: ``[num_labels]`` ``log(1 +
+    training count)`` (default: the attached reranker's)."""
+    if log_count is None:
+      log_count = self.reranker.log_count[...]
+    scores, top, log_total = self.ranked(feature_ids, feature_values, m, exact=exact)
+    if self.neighbours is not None:
+      vote_ids, votes = self.neighbours(feature_ids, feature_values)
+    else:
+      vote_ids = jnp.full((top.shape[0], 1), -1, jnp.int32)
+      votes = jnp.zeros((top.shape[0], 1), jnp.float32)
+    ids = union_candidates(top, scores, vote_ids)
+    safe = jnp.where(ids >= 0, ids, self.num_labels)    # padding: left alone by the shortcut
+    logits = self._label_logits(self.hidden(feature_ids, feature_values),
+                                jnp.minimum(safe, self.num_labels - 1))
+    shortcut = (jnp.zeros_like(logits) if self.shortcut is None else
+                self.shortcut.add_to(jnp.zeros_like(logits), safe, feature_ids, feature_values))
+    return ids, candidate_features(ids, logits + shortcut, shortcut, log_total, vote_ids,
+                                   votes, jnp.asarray(log_count, jnp.float32))
+
+  def _reranked_top_k(self, feature_ids, feature_values, k: int, exact: bool):
+    """:meth:`top_k` with :attr:`reranker`: its scores over :meth:`candidates`."""
+    ids, features = self.candidates(feature_ids, feature_values, m=self.reranker.candidates,
+                                    exact=exact)
+    scores = jnp.where(ids >= 0, self.reranker(features), -jnp.inf)
+    best, pos = jax.lax.top_k(scores, k)
+    ids = jnp.take_along_axis(ids, pos, axis=1)
+    return best, jnp.where(jnp.isfinite(best), ids, self.num_labels)
 
   def _mixed_top_k(self, feature_ids, feature_values, k: int, exact: bool):
     """:meth:`top_k` with :attr:`neighbours`: the model's own top ``k + width``
@@ -158,6 +207,8 @@ class SlideMLP(_Trunk):
     LSH tables (see :meth:`SlideDense.top_k`; id ``num_labels`` past a sample's candidates).
     The scores are logits; with :attr:`neighbours`, mixed probabilities (see
     :meth:`set_neighbours`; through the tables, the softmax is over the candidates)."""
+    if self.reranker is not None:
+      return self._reranked_top_k(feature_ids, feature_values, k, exact)
     if self.neighbours is not None:
       return self._mixed_top_k(feature_ids, feature_values, k, exact)
     h = self.hidden(feature_ids, feature_values)
@@ -170,6 +221,11 @@ class SlideMLP(_Trunk):
     best, pos = jax.lax.top_k(scores, k)
     ids = jnp.take_along_axis(ids, pos, axis=1)
     return best, jnp.where(jnp.isfinite(best), ids, self.num_labels)
+
+  def _label_logits(self, h: jax.Array, labels: jax.Array) -> jax.Array:
+    """The output layer's logits ``[B, C]`` of ``labels`` ``[B, C]`` (no shortcut)."""
+    rows = jnp.take(self.output.kernel[...], labels, axis=0)
+    return jnp.einsum("bh,bch->bc", h, rows) + jnp.take(self.output.bias[...], labels)
 
   def ranked(self, feature_ids: jax.Array, feature_values: jax.Array, m: int, *,
              exact: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -286,11 +342,19 @@ class DenseMLP(_Trunk):
             exact: bool = True) -> tuple[jax.Array, jax.Array]:
     """Exact top-``k`` labels: (logits ``[B, k]``, ids ``[B, k]``); with :attr:`neighbours`,
     mixed probabilities (see :meth:`set_neighbours`)."""
+    if self.reranker is not None:
+      return self._reranked_top_k(feature_ids, feature_values, k, exact)
     if self.neighbours is not None:
       return self._mixed_top_k(feature_ids, feature_values, k, exact)
     return top_k_chunked(self._members_mean(self.hidden(feature_ids, feature_values)),
                          self.kernel[...], self.bias[...], k,
                          extra=self._shortcut_scores(feature_ids, feature_values))
+
+  def _label_logits(self, h: jax.Array, labels: jax.Array) -> jax.Array:
+    """The output layer's logits ``[B, C]`` of ``labels`` ``[B, C]`` (no shortcut)."""
+    rows = jnp.take(self.kernel[...], labels, axis=0)
+    return (jnp.einsum("bh,bch->bc", self._members_mean(h), rows)
+            + jnp.take(self.bias[...], labels))
 
   def ranked(self, feature_ids: jax.Array, feature_values: jax.Array, m: int, *,
              exact: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -52,3 +52,8 @@ class NeighbourIndex(nnx.Variable):
 class VoteWeight(nnx.Variable):
   """The share of :class:`slidejax.nn.NeighbourVotes`' votes in a model's predictions, chosen
   on validation rows; not trainable."""
+
+
+class RerankWeight(nnx.Variable):
+  """The weights of a :class:`slidejax.nn.Reranker` (and the label counts it reads), fit on
+  validation rows after training; not trained with the model."""

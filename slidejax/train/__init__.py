@@ -14,6 +14,8 @@ from slidejax.train._loop import build_model
 from slidejax.train._loop import evaluate_model
 from slidejax.train._loop import evaluate_top_k
 from slidejax.train._loop import fit
+from slidejax.train._rerank import attach_reranker
+from slidejax.train._rerank import fit_reranker
 from slidejax.train._schedule import RehashSchedule
 from slidejax.train._schedule import fixed_interval
 from slidejax.train._step import StepMetrics

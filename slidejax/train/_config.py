@@ -35,7 +35,8 @@ class TrainConfig:
   rows held out; 0 without ``epochs="auto"``), ``members`` (3 networks, each on its own split,
   with a dense output layer and a validation split; else 1), ``neighbours`` (votes of the
   nearest training rows, k and weight chosen on the validation split; none without one or on
-  a mesh).
+  a mesh), ``rerank`` (a :class:`slidejax.nn.Reranker` fit on the validation split at the end
+  and kept when it pays; none without one, with members or on a mesh).
   """
   hidden: int = 512             # embedding width
   dropout: float | str = "auto"   # on the embedding, training calls only
@@ -84,6 +85,8 @@ class TrainConfig:
   calibrate: str = "auto"   # "auto": the shortcut's scale times a factor, then a sampled
                             # output layer's biases + tau * log(1 + label count), both chosen
                             # on the validation split (see _plan); "none": neither
+  rerank: str = "auto"   # "auto": a Reranker fit on the validation split at the end, kept
+                         # when it scores better on rows it was not fit on; "none"
 
   # Fields that shape the model, its state and the run's plan: a checkpoint must agree.
   STATE_FIELDS = ("hidden", "dropout", "weight_decay", "residual", "members", "shortcut",
@@ -195,7 +198,8 @@ _CHOICES = {"hash": ("simhash", "wta", "dwta", "minhash"),
             "mode": ("shared", "per_sample"), "sampler": ("lsh", "uniform", "unigram"),
             "correction": ("none", "logq"), "transform": ("none", "center", "mips"),
             "loss": ("softmax", "sigmoid"), "schedule": _plan.SCHEDULES,
-            "output_init": ("fan_in", "small"), "calibrate": ("auto", "none")}
+            "output_init": ("fan_in", "small"), "calibrate": ("auto", "none"),
+            "rerank": ("auto", "none")}
 
 
 def check_options(config: TrainConfig) -> None:
@@ -286,6 +290,7 @@ def resolve_config(config: TrainConfig, train: xcdata.XCData) -> tuple[TrainConf
     config = dataclasses.replace(config, validation=round(rows / train.num_points, 6))
   config = _resolve_members(config, notes)
   config = _resolve_neighbours(config, notes)
+  config = _resolve_rerank(config, notes)
   if config.epochs == "auto":
     kept = train.num_points - _plan.validation_rows(train.num_points, config.validation)
     epochs = _plan.auto_epochs(math.ceil(kept / config.batch_size), config.batch_size,
@@ -311,6 +316,21 @@ def _resolve_neighbours(config: TrainConfig, notes: dict) -> TrainConfig:
   if config.neighbours and unfit:
     raise TrainingError(f"neighbours={config.neighbours} cannot have {unfit[0]} (the votes' "
                         f"weight is chosen on the validation split; not on a mesh)")
+  return config
+
+
+def _resolve_rerank(config: TrainConfig, notes: dict) -> TrainConfig:
+  """``rerank`` resolved (after ``members`` and ``validation``): auto stays auto with a
+  validation split, one member and no mesh, else none."""
+  if config.rerank != "auto":
+    return config
+  unfit = [why for why, bad in (("no validation split", not config.validation),
+                                ("members", config.members > 1),
+                                ("a mesh", bool(config.mesh))) if bad]
+  if unfit:
+    notes["rerank"] = f"none ({unfit[0]})"
+    return dataclasses.replace(config, rerank="none")
+  notes["rerank"] = "fit on the validation split at the end, kept when it pays"
   return config
 
 

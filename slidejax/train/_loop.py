@@ -30,6 +30,8 @@ from slidejax.train._config import TrainingError
 from slidejax.train._config import mesh_sizes
 from slidejax.train._config import resolve_config
 from slidejax.train._config import validate
+from slidejax.train._rerank import attach_reranker
+from slidejax.train._rerank import fit_reranker
 from slidejax.train._step import TrainBatch
 from slidejax.train._step import Trainer
 
@@ -289,7 +291,8 @@ class _Run:
         "step": 0, "epoch": 0, "batch_index": 0, "train_seconds": 0.0, "rebuilds": 0,
         "rebuild_seconds": 0.0, "history": [], "probes": [], "horizon": horizon,
         "plan_from": None, "early": list(_plan.EarlyStopping()), "validations": [],
-        "best_saved": False, "calibration": None, "neighbours": None, "finished": False,
+        "best_saved": False, "calibration": None, "neighbours": None, "reranker": None,
+        "finished": False,
         "validations_per_run": _plan.VALIDATIONS_PER_RUN, "validation_seconds": 0.0}
     self.best = None
     self.last_checkpoint = None
@@ -325,6 +328,8 @@ class _Run:
     seconds = (spent[0] - start[1]) - (spent[1] - start[2]) - (spent[2] - start[3])
     if steps >= _plan.PLAN_MIN_STEPS and seconds >= _plan.PLAN_SHARE * budget:
       validation, ends = self.time_one_validation(), self.end_validations()
+      if self.held is not None and self.config.rerank != "none":
+        ends += _plan.rerank_fit_passes(self.held.num_points, validation)
       bought, per_run = _plan.budget_steps(
           budget, pos["train_seconds"], pos["step"], seconds / steps,
           validation_seconds=validation, end_validations=ends,
@@ -358,7 +363,8 @@ class _Run:
       return 0
     return _plan.end_validations(calibrate=self.calibrates(), shortcut=bool(self.config.shortcut),
                                  sampled=not self.config.dense,
-                                 neighbour_ks=len(self.neighbour_ks()))
+                                 neighbour_ks=len(self.neighbour_ks()),
+                                 rerank=self.config.rerank != "none")
 
   def neighbour_ks(self) -> tuple[int, ...]:
     """The neighbour counts ``--neighbours`` tries at the end (none without votes)."""
@@ -486,6 +492,22 @@ class _Run:
     self.log(f"neighbour votes: {chosen} (validation mean P@1/3/5 {result['before']:.4f} -> "
              f"{result['after']:.4f})")
 
+  def choose_reranker(self) -> None:
+    """At the end, once (after :meth:`choose_neighbours`): a reranker fit on the held-out
+    rows, over the chosen votes among the training rows (:func:`slidejax.train.fit_reranker`),
+    kept in the position when it pays."""
+    pos, config = self.position, self.config
+    if self.held is None or config.rerank == "none" or pos.get("reranker") is not None:
+      return
+    model = self.trainer.model     # (a copy: the votes set here do not reach the trainer)
+    attach_neighbours(model, self.train, pos.get("neighbours"))
+    result = fit_reranker(model, self.held, xcdata.label_counts(self.train),
+                          key=jax.random.key(config.seed), batch_size=config.batch_size,
+                          max_features=config.max_features)
+    pos["reranker"] = result
+    self.log(f"reranker: {'kept' if result['used'] else 'not kept'} (validation mean "
+             f"P@1/3/5 {result['before']:.4f} -> {result['cross']:.4f} fit on the other half)")
+
   # -- checkpoints ------------------------------------------------------------------------
   def save(self, reason: str) -> None:
     if self.checkpoints is None:
@@ -569,6 +591,7 @@ def _fit(config: TrainConfig, train: xcdata.XCData, held: xcdata.XCData | None,
   run.keep_best()
   run.calibrate()
   run.choose_neighbours()
+  run.choose_reranker()
   position["train_seconds"] += _now() - t0
   position["finished"] = True
   run.save("end")
@@ -669,15 +692,22 @@ def _show_progress(run: _Run, bar) -> None:
                   refresh=False)
 
 
+def _reranker_summary(result: dict | None) -> dict | None:
+  """:func:`fit_reranker`'s result without its weights (for the log and the JSON)."""
+  return None if result is None else {n: v for n, v in result.items() if n != "weights"}
+
+
 def _results(run: _Run, truncation, propensity_source: xcdata.XCData) -> dict:
   config, position = run.config, run.position
   result: dict[str, Any] = {}
   model = run.trainer.model
   attach_neighbours(model, propensity_source, position.get("neighbours"))
+  attach_reranker(model, xcdata.label_counts(run.train), position.get("reranker"))
   if run.test is not None:
     props = metrics.propensities(xcdata.label_counts(propensity_source),
                                  propensity_source.num_points)
-    result.update(run.evaluate(run.test, propensities=props) if model.neighbours is None else
+    own = model.neighbours is None and model.reranker is None
+    result.update(run.evaluate(run.test, propensities=props) if own else
                   evaluate_top_k(model, run.test, batch_size=config.batch_size,
                                  max_features=config.max_features, propensities=props))
     if not position["history"] or position["history"][-1]["step"] != position["step"]:
@@ -696,6 +726,7 @@ def _results(run: _Run, truncation, propensity_source: xcdata.XCData) -> dict:
       steps=position["step"], planned_steps=run.horizon, rebuilds=position["rebuilds"],
       rebuild_seconds=position["rebuild_seconds"], history=position["history"],
       calibration=position.get("calibration"), neighbours=position.get("neighbours"),
+      reranker=_reranker_summary(position.get("reranker")),
       validation=validation, probes=position["probes"], config=dataclasses.asdict(config),
       truncation=None if truncation is None else dict(truncation._asdict()
                                                       if hasattr(truncation, "_asdict")

@@ -96,7 +96,7 @@ def _ensemble_result(config, model, results, train, test, max_features, checkpoi
       train_seconds=seconds, samples_per_second=steps * config.batch_size / max(seconds, 1e-9),
       steps=steps, planned_steps=sum(r["planned_steps"] or 0 for r in results), rebuilds=0,
       rebuild_seconds=0.0, history=[], calibration=None, probes=[], config=resolved,
-      neighbours=_members_neighbours(results),
+      neighbours=_members_neighbours(results), reranker=None,
       validation={"rows": results[0]["validation"]["rows"] if results[0]["validation"] else 0,
                   "seed": config.seed, "members": [m["validation"] for m in members]},
       truncation=results[0]["truncation"], members=members,

@@ -169,16 +169,29 @@ def budget_steps(budget: float, elapsed: float, steps_done: int, seconds_per_ste
   return steps_done + max(1, int(steps)), per_run
 
 
+RERANK_PASSES = 6    # a Reranker's description of the validation rows (its candidates and the
+                    # model's own top 5, votes searched for both, compiled), in passes
+RERANK_ROW_SECONDS = 0.005   # its three fits, per validation row (4.4 ms measured on 2 cores)
+
+
+def rerank_fit_passes(rows: int, validation_seconds: float) -> int:
+  """The Reranker's fits on ``rows`` validation rows, counted in validation passes of
+  ``validation_seconds`` (what ``end_validations`` does not count: the fits' time does not
+  grow with the label count, a pass's does)."""
+  return math.ceil(RERANK_ROW_SECONDS * rows / max(validation_seconds, 1e-3))
+
+
 def end_validations(*, calibrate: bool, shortcut: bool, sampled: bool,
-                    neighbour_ks: int = 0) -> int:
+                    neighbour_ks: int = 0, rerank: bool = False) -> int:
   """How many validation passes follow a run's last step at most: the last state's, then
   ``calibrate``'s (a factor of ``SHORTCUT_GRID`` for a shortcut, a shift of
   ``CALIBRATION_GRID`` for a sampled output layer; 1 and 0 are scored already), then one
-  model pass and one search per neighbour count of ``--neighbours`` (counted as passes)."""
+  model pass and one search per neighbour count of ``--neighbours`` (counted as passes), then
+  ``RERANK_PASSES`` for ``--rerank`` (its fits: :func:`rerank_fit_passes`)."""
   count = 1
   if calibrate:
     count += (len(SHORTCUT_GRID) - 1) * shortcut + (len(CALIBRATION_GRID) - 1) * sampled
-  return count + (1 + neighbour_ks if neighbour_ks else 0)
+  return count + (1 + neighbour_ks if neighbour_ks else 0) + RERANK_PASSES * rerank
 
 
 def best_weight(scores: dict[float, float]) -> float:
