@@ -44,12 +44,10 @@ def _targets(held: xcdata.XCData, ids: np.ndarray) -> np.ndarray:
 
 def _fit_weights(init: dict, features, valid, targets, steps: int) -> dict:
   """Weights minimising the candidates' softmax cross-entropy against ``targets`` (rows with
-  a target only) plus ``FIT_L2`` times their squared norm; the standardisation is taken from
-  ``features``' valid candidates."""
+  a target only) plus ``FIT_L2`` times their squared norm, from ``init`` (the trainable ones);
+  the standardisation (``mean``, ``scale``) is taken from ``features``' valid candidates."""
   flat = features[valid]
-  weights = {**init, "mean": jnp.asarray(flat.mean(axis=0)),
-             "scale": jnp.asarray(flat.std(axis=0) + 1e-6)}
-  fixed = {n: weights.pop(n) for n in ("mean", "scale")}
+  fixed = {"mean": jnp.asarray(flat.mean(axis=0)), "scale": jnp.asarray(flat.std(axis=0) + 1e-6)}
   x, mask, t = jnp.asarray(features), jnp.asarray(valid), jnp.asarray(targets)
   counted = jnp.sum(t, axis=1) > 0
 
@@ -71,7 +69,7 @@ def _fit_weights(init: dict, features, valid, targets, steps: int) -> dict:
       return (optax.apply_updates(w, updates), state), None
     return jax.lax.scan(step, (w, tx.init(w)), None, length=steps)[0][0]
 
-  return {**run(weights), **fixed}
+  return {**run(dict(init)), **fixed}
 
 
 def _top5(weights: dict, ids: np.ndarray, features: np.ndarray) -> np.ndarray:
